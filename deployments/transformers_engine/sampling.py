@@ -1,0 +1,120 @@
+"""Per-row token selection for a batch whose rows have different sampling parameters.
+
+`model.generate` applies one GenerationConfig to the whole batch, so mixing requests
+with different temperature/top_p/top_k/repetition_penalty/seed in one batch would
+sample some of them with another's parameters. Here every parameter is a per-row tensor
+and every row draws from its own `torch.Generator`, so a row's tokens depend only on its
+own logits, parameters and seed, never on its neighbours. The order of the processors
+is transformers' own: repetition penalty, temperature, top-k, top-p.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Sequence
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+    """Sampling parameters of one sequence; ``temperature == 0`` means greedy."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    seed: int | None
+
+
+class BatchSampler:
+    """Chooses the next token of every row of a batch.
+
+    Args:
+        rows: parameters per row.
+        prompt_token_ids: each row's prompt, seen by the repetition penalty (as in
+            transformers, the penalty covers prompt and generated tokens).
+        vocab_size: width of the logits.
+        device: where the logits live.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[RowSampling],
+        prompt_token_ids: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> None:
+        self._device = torch.device(device)
+        self._temperature = torch.tensor([r.temperature for r in rows], device=self._device)
+        self._top_p = torch.tensor([r.top_p for r in rows], device=self._device)
+        self._top_k = torch.tensor([r.top_k for r in rows], dtype=torch.long, device=self._device)
+        self._penalty = torch.tensor([r.repetition_penalty for r in rows], device=self._device)
+        self._generators = [self._generator(r.seed) for r in rows]
+        self._seen: torch.Tensor | None = None
+        if bool((self._penalty != 1.0).any()):
+            self._seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=self._device)
+            for row, ids in enumerate(prompt_token_ids):
+                self._seen[row, torch.tensor(ids, dtype=torch.long, device=self._device)] = True
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        generator = torch.Generator(device=self._device)
+        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        return generator
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Picks one token per row from float32 ``logits`` of shape [rows, vocab]."""
+        if self._seen is not None:
+            penalty = self._penalty[:, None]
+            penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits = torch.where(self._seen, penalized, logits)
+        next_tokens = logits.argmax(dim=-1)
+        sampled_rows = (self._temperature > 0).nonzero().flatten()
+        if sampled_rows.numel() == 0:
+            return next_tokens
+        scores = logits[sampled_rows] / self._temperature[sampled_rows, None]
+        scores = self._apply_top_k(scores, self._top_k[sampled_rows])
+        scores = self._apply_top_p(scores, self._top_p[sampled_rows])
+        probabilities = scores.softmax(dim=-1)
+        for position, row in enumerate(sampled_rows.tolist()):
+            next_tokens[row] = torch.multinomial(
+                probabilities[position], 1, generator=self._generators[row]
+            )[0]
+        return next_tokens
+
+    @staticmethod
+    def _apply_top_k(scores: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        top_k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+        if bool((top_k == vocab).all()):
+            return scores
+        largest = int(top_k.max())
+        kth_best = scores.topk(largest, dim=-1).values.gather(1, (top_k - 1)[:, None])
+        return scores.masked_fill(scores < kth_best, float("-inf"))
+
+    @staticmethod
+    def _apply_top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        if bool((top_p >= 1.0).all()):
+            return scores
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probabilities = sorted_scores.softmax(dim=-1)
+        mass_before = probabilities.cumsum(dim=-1) - probabilities
+        # The most likely token always survives (its mass_before is 0).
+        sorted_scores = sorted_scores.masked_fill(mass_before > top_p[:, None], float("-inf"))
+        return scores.scatter(1, order, sorted_scores)
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Records the tokens just chosen, for the repetition penalty."""
+        if self._seen is not None:
+            self._seen.scatter_(1, tokens[:, None], True)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keeps only ``rows`` (indices into the current rows), in that order."""
+        self._temperature = self._temperature[rows]
+        self._top_p = self._top_p[rows]
+        self._top_k = self._top_k[rows]
+        self._penalty = self._penalty[rows]
+        self._generators = [self._generators[i] for i in rows.tolist()]
+        if self._seen is not None:
+            self._seen = self._seen[rows]

@@ -1,0 +1,188 @@
+"""The HTTP ingress deployment: validates, identifies and routes requests to the models.
+
+A plain class; `serve_app.app` wraps it with `serve.ingress` and `serve.deployment`.
+Serve calls `__serve_build_asgi_app__` in each replica after `__init__`, so the FastAPI
+app is built per replica around that replica's handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray.serve.handle import DeploymentHandle
+
+from deployments.protocol import (
+    GenerationParams,
+    GenerationResult,
+    InvalidRequestError,
+    ModelStatus,
+    SequenceDelta,
+    StreamStart,
+)
+from serve_app.errors import ModelNotFoundError, install_error_handlers
+from serve_app.request_context import RequestContextMiddleware, new_request_id
+from serve_app.schemas import ErrorResponse, GenerateRequest, GenerateResponse, usage_of
+
+logger = logging.getLogger("ray.serve")
+
+READINESS_TIMEOUT_S = 2.0
+_ERROR_RESPONSES = {
+    status: {"model": ErrorResponse} for status in (400, 404, 422, 429, 500, 503, 504)
+}
+
+
+class Ingress:
+    """Routes requests to model deployments by name.
+
+    Args:
+        models: model name to the handle of its deployment; the first is the default.
+    """
+
+    def __init__(self, models: Mapping[str, DeploymentHandle]) -> None:
+        self._models = dict(models)
+        self._default_model = next(iter(self._models))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self)
+
+    def model_handle(self, name: str | None) -> DeploymentHandle:
+        """The handle for ``name`` (the default model when None).
+
+        Raises:
+            ModelNotFoundError: no model of that name is served.
+        """
+        handle = self._models.get(name or self._default_model)
+        if handle is None:
+            raise ModelNotFoundError(name, list(self._models))
+        return handle
+
+    async def model_statuses(self, timeout_s: float) -> dict[str, ModelStatus | None]:
+        """Each model's status, or None where no replica answered within ``timeout_s``
+        (a replica that is still loading its weights cannot answer)."""
+
+        async def status_of(handle: DeploymentHandle) -> ModelStatus | None:
+            try:
+                return await asyncio.wait_for(handle.status.remote(), timeout_s)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - not ready, whatever the cause
+                return None
+
+        statuses = await asyncio.gather(*(status_of(h) for h in self._models.values()))
+        return dict(zip(self._models, statuses))
+
+
+def _sse(payload: object) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _stream_events(
+    request: Request,
+    stream,
+    start: StreamStart,
+    params: GenerationParams,
+) -> AsyncIterator[str]:
+    """SSE events: a delta per step and sequence; the event that ends a sequence adds its
+    finish_reason, and the one that ends the last sequence adds usage; then [DONE]."""
+    response_id = new_request_id()
+    completion_tokens = [0] * params.num_return_sequences
+    unfinished = params.num_return_sequences
+    try:
+        async for deltas in stream:
+            for delta in deltas:
+                delta: SequenceDelta
+                event = {"id": response_id, "model": start.model, "index": delta.index, "text": delta.text}
+                completion_tokens[delta.index] = delta.completion_tokens
+                if delta.finish_reason is not None:
+                    event["finish_reason"] = delta.finish_reason
+                    unfinished -= 1
+                    if unfinished == 0:
+                        event["usage"] = usage_of(start.prompt_tokens, sum(completion_tokens)).model_dump()
+                yield _sse(event)
+    except Exception:  # noqa: BLE001 - the status line is sent; report in-band
+        logger.exception("request_id=%s stream failed", params.request_id)
+        yield _sse(
+            {
+                "error": {
+                    "type": "server_error",
+                    "message": f"generation failed; quote request id {params.request_id}",
+                    "param": None,
+                }
+            }
+        )
+    finally:
+        request.state.usage = usage_of(start.prompt_tokens, sum(completion_tokens))
+    yield "data: [DONE]\n\n"
+
+
+def create_api(ingress: Ingress) -> FastAPI:
+    """The FastAPI app of one ingress replica."""
+    app = FastAPI(
+        title="ray-textgen",
+        summary="Text generation on Ray Serve with HuggingFace transformers.",
+        version="0.1.0",
+    )
+    app.add_middleware(RequestContextMiddleware)
+    install_error_handlers(app)
+
+    @app.get("/healthz", summary="Liveness: the ingress answers.")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        summary="Readiness: 200 once every model deployment has loaded, else 503.",
+        responses={503: {"description": "A model is still loading."}},
+    )
+    async def readyz() -> JSONResponse:
+        statuses = await ingress.model_statuses(READINESS_TIMEOUT_S)
+        ready = all(status is not None for status in statuses.values())
+        body = {
+            "status": "ready" if ready else "loading",
+            "models": {
+                name: dataclasses.asdict(status) if status else None
+                for name, status in statuses.items()
+            },
+        }
+        return JSONResponse(
+            body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"}
+        )
+
+    @app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        responses={
+            **_ERROR_RESPONSES,
+            200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true."},
+        },
+        summary="Generate text from a prompt.",
+    )
+    async def generate(body: GenerateRequest, request: Request):
+        handle = ingress.model_handle(body.model)
+        params = body.to_generation_params(request.state.request_id)
+        started = time.perf_counter()
+        if body.stream:
+            stream = handle.options(stream=True).generate_stream.remote(params)
+            try:
+                # Peek: a request the model rejects gets a real status code, not a 200 stream.
+                start = await stream.__anext__()
+            except InvalidRequestError:
+                stream.cancel()
+                raise
+            return StreamingResponse(
+                _stream_events(request, stream, start, params),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        result: GenerationResult = await handle.generate.remote(params)
+        request.state.usage = usage_of(result.prompt_tokens, result.completion_tokens)
+        return GenerateResponse.from_result(
+            new_request_id(), result, (time.perf_counter() - started) * 1000
+        )
+
+    return app

@@ -1,0 +1,100 @@
+"""Per-request context: the request id, the access log line, and the last-resort 500."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("ray.serve")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    """Pure ASGI middleware (it does not buffer streaming responses).
+
+    Behind Serve's proxy every request arrives with an ``x-request-id`` (the client's,
+    or one the proxy made) and the proxy puts it on the response; this middleware uses
+    that same id, so our log lines, Serve's and the client agree. It sets the response
+    header itself only when no proxy did (the app served bare, as in unit tests).
+
+    It logs one line per request (id, method, path, status, tokens, latency; never the
+    prompt) and turns an exception that escaped every handler into a masked JSON 500.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        incoming_id = self._incoming_request_id(scope)
+        request_id = incoming_id or new_request_id()
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        response_status: list[int] = []
+
+        async def send_with_request_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                if incoming_id is None:
+                    MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                response_status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        except Exception:
+            logger.exception("request_id=%s unhandled error", request_id)
+            if not response_status:
+                await self._send_internal_error(send_with_request_id, request_id)
+        finally:
+            usage = state.get("usage")
+            logger.info(
+                "request_id=%s method=%s path=%s status=%s prompt_tokens=%s "
+                "completion_tokens=%s latency_ms=%.1f",
+                request_id,
+                scope.get("method"),
+                scope.get("path"),
+                response_status[0] if response_status else "-",
+                usage.prompt_tokens if usage else "-",
+                usage.completion_tokens if usage else "-",
+                (time.perf_counter() - started) * 1000,
+            )
+
+    @staticmethod
+    def _incoming_request_id(scope: Scope) -> str | None:
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                return value.decode("latin-1")
+        return None
+
+    @staticmethod
+    async def _send_internal_error(send: Send, request_id: str) -> None:
+        body = json.dumps(
+            {
+                "error": {
+                    "type": "server_error",
+                    "message": f"internal error; quote request id {request_id}",
+                    "param": None,
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

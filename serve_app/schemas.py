@@ -1,0 +1,142 @@
+"""Public HTTP schemas of POST /generate and the error body."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+
+from deployments.protocol import GenerationParams, GenerationResult
+
+MAX_NEW_TOKENS_LIMIT = 4096
+MAX_SEED = 2**63 - 1
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate."""
+
+    # strict: a string is never silently read as a number or a bool.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [{"prompt": "The capital of France is", "max_new_tokens": 8, "temperature": 0}]
+        },
+    )
+
+    prompt: str = Field(min_length=1, description="Text to continue.")
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_NEW_TOKENS_LIMIT,
+        description="Most tokens to generate (default 64, or the model's generation_config).",
+    )
+    max_length: int | None = Field(
+        default=None,
+        ge=2,
+        description="Deprecated HF-style limit on prompt + new tokens; never with max_new_tokens.",
+    )
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 means greedy.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(default=None, ge=0, description="Keep the k likeliest tokens; 0 = off.")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=10, description="Above 1 discourages repeating seen tokens."
+    )
+    stop: list[StopString] = Field(
+        default_factory=list,
+        max_length=4,
+        description="Generation ends at the first of these; the stop text is not returned.",
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Same seed and parameters give the same text."
+    )
+    num_return_sequences: int = Field(default=1, ge=1, le=4, description="Sequences to return.")
+    stream: bool = Field(default=False, description="Answer with server-sent events.")
+    model: str | None = Field(default=None, description="Model name; unset means the default.")
+
+    @field_validator("max_length")
+    @classmethod
+    def _not_with_max_new_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("max_new_tokens") is not None:
+            raise ValueError("give max_new_tokens or max_length, not both")
+        return value
+
+    def to_generation_params(self, request_id: str) -> GenerationParams:
+        """The handle payload. Unset sampling fields stay None: the engine fills them
+        from the model's generation_config, then from the service defaults."""
+        return GenerationParams(
+            prompt=self.prompt,
+            request_id=request_id,
+            max_new_tokens=self.max_new_tokens,
+            max_length=self.max_length,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            stop=tuple(self.stop),
+            seed=self.seed,
+            num_return_sequences=self.num_return_sequences,
+        )
+
+
+FinishReason = Literal["length", "stop", "eos"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = Field(description="Tokens generated across all sequences.")
+    total_tokens: int
+
+
+class Generation(BaseModel):
+    text: str
+    finish_reason: FinishReason
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    """Body of a 200 from POST /generate; `text` and `finish_reason` are the first
+    generation's, `usage` counts all of them."""
+
+    id: str
+    model: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    generations: list[Generation]
+    latency_ms: float
+
+    @classmethod
+    def from_result(cls, response_id: str, result: GenerationResult, latency_ms: float) -> "GenerateResponse":
+        generations = [
+            Generation(text=s.text, finish_reason=s.finish_reason, completion_tokens=s.completion_tokens)
+            for s in result.sequences
+        ]
+        return cls(
+            id=response_id,
+            model=result.model,
+            text=generations[0].text,
+            finish_reason=generations[0].finish_reason,
+            usage=usage_of(result.prompt_tokens, result.completion_tokens),
+            generations=generations,
+            latency_ms=round(latency_ms, 1),
+        )
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="Error class, e.g. invalid_request_error.")
+    message: str = Field(description="What went wrong and, where possible, how to fix it.")
+    param: str | None = Field(default=None, description="The request field at fault, if any.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,142 @@
+"""A deterministic fake engine, and a stand-in for a DeploymentHandle, for tests of the
+HTTP side. Never the only test of a feature: the real engine is tested beside it.
+
+The fake's tokens are characters: token id = code point. It writes a fixed text, rotated
+by the seed and the sequence index, so tests can predict every character.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
+
+from deployments.config import ModelConfig
+from deployments.engine import Engine, PreparedRequest, prepare_request
+from deployments.model_server import collect_result
+from deployments.protocol import GenerationParams, ModelStatus, SequenceDelta, StreamStart
+from deployments.text_output import SequenceText
+
+FAKE_ENGINE = "tests.fakes:FakeEngine"
+FAKE_TEXT = "The quick brown fox jumps over the lazy dog. "
+FAKE_CONTEXT_LENGTH = 512
+
+
+def fake_source(load_s: float = 0.0) -> str:
+    """A `source` for FakeEngine; it sleeps ``load_s`` seconds in load()."""
+    return f"fake?load_s={load_s}"
+
+
+def fake_text(seed: int | None, index: int, length: int) -> str:
+    offset = ((seed or 0) + index) % len(FAKE_TEXT)
+    rotated = FAKE_TEXT[offset:] + FAKE_TEXT[:offset]
+    return (rotated * (length // len(rotated) + 1))[:length]
+
+
+class FakeEngine(Engine):
+    """Writes `fake_text`, one character per step; honours stop and max tokens."""
+
+    def __init__(self, config: ModelConfig, device: str) -> None:
+        super().__init__(config, device)
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(config.source).query)
+        self._load_s = float(query.get("load_s", ["0"])[0])
+        self.loaded = False
+
+    def load(self) -> None:
+        time.sleep(self._load_s)
+        self.loaded = True
+
+    def status(self) -> ModelStatus:
+        return ModelStatus(self.config.name, FAKE_CONTEXT_LENGTH, self.device, "fake")
+
+    def prepare(self, params: GenerationParams) -> PreparedRequest:
+        return prepare_request(params, [ord(c) for c in params.prompt], FAKE_CONTEXT_LENGTH)
+
+    async def generate(
+        self, batch: Sequence[PreparedRequest]
+    ) -> AsyncIterator[list[list[SequenceDelta]]]:
+        def decode(ids: Sequence[int]) -> str:
+            return "".join(chr(i) for i in ids)
+
+        rows = [
+            (position, index, request, SequenceText(decode, request.stop),
+             fake_text(request.seed, index, request.max_new_tokens))
+            for position, request in enumerate(batch)
+            for index in range(request.num_return_sequences)
+        ]
+        finished: set[tuple[int, int]] = set()
+        for step in range(max(request.max_new_tokens for request in batch)):
+            await asyncio.sleep(0)
+            out: list[list[SequenceDelta]] = [[] for _ in batch]
+            for position, index, request, text, planned in rows:
+                if (position, index) in finished:
+                    continue
+                emitted = text.append(ord(planned[step]))
+                reason = None
+                if text.stopped:
+                    reason = "stop"
+                elif step + 1 == request.max_new_tokens:
+                    emitted, reason = emitted + text.finish(), "length"
+                if reason:
+                    finished.add((position, index))
+                out[position].append(SequenceDelta(index, emitted, step + 1, reason))
+            yield out
+            if len(finished) == len(rows):
+                return
+
+
+class _Call:
+    def __init__(self, function, stream: bool) -> None:
+        self._function, self._stream = function, stream
+
+    def remote(self, *args):
+        if self._stream:
+            return _FakeStream(self._function(*args))
+        return self._function(*args)
+
+
+class _FakeStream:
+    def __init__(self, generator) -> None:
+        self._generator = generator
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._generator.__anext__()
+
+    def cancel(self) -> None:
+        pass
+
+
+class FakeModelHandle:
+    """Answers like a DeploymentHandle to ModelServer, backed by an engine directly
+    (one request per batch: serve.batch only runs inside a Serve replica)."""
+
+    def __init__(self, engine: Engine, stream: bool = False) -> None:
+        self._engine, self._stream = engine, stream
+
+    def options(self, stream: bool = False) -> "FakeModelHandle":
+        return FakeModelHandle(self._engine, stream)
+
+    def __getattr__(self, method: str) -> _Call:
+        return _Call(getattr(self, f"_{method}"), self._stream)
+
+    async def _status(self) -> ModelStatus:
+        return self._engine.status()
+
+    async def _generate(self, params: GenerationParams):
+        prepared = self._engine.prepare(params)
+        return await collect_result(self._engine.config.name, prepared, self._deltas(prepared))
+
+    async def _generate_stream(self, params: GenerationParams):
+        prepared = self._engine.prepare(params)
+        yield StreamStart(self._engine.config.name, len(prepared.prompt_token_ids))
+        async for deltas in self._deltas(prepared):
+            yield deltas
+
+    async def _deltas(self, prepared: PreparedRequest):
+        async for step in self._engine.generate([prepared]):
+            if step[0]:
+                yield step[0]

@@ -1,0 +1,116 @@
+"""App args, every config file, and how the builder turns args into deployments."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.app import build_app, model_deployment_options, resolve_accelerator
+from serve_app.args import AppArgs, AutoscalingArgs, IngressArgs, ModelArgs
+
+CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("serve*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_files_validate_with_serve_and_our_args(path):
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    for application in config.applications:
+        assert application.import_path == "serve_app.app:build_app"
+        AppArgs.model_validate(application.args)
+
+
+def test_local_config_serves_the_embedded_model_on_loopback():
+    config = yaml.safe_load(Path(CONFIGS[0]).read_text())
+    assert Path(CONFIGS[0]).name == "serve.yaml"
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    args = AppArgs.model_validate(config["applications"][0]["args"])
+    model = args.models[0]
+    assert model.source == "embedded" and model.accelerator == "auto"
+    assert model.autoscaling.max_replicas >= 2
+    # Logical CPUs at full scale stay within a 2-core node (over-commit hangs forever).
+    at_full_scale = args.ingress.num_replicas * args.ingress.num_cpus + sum(
+        m.autoscaling.max_replicas * m.num_cpus for m in args.models
+    )
+    assert at_full_scale <= 2
+
+
+def test_defaults_are_one_embedded_model():
+    args = AppArgs()
+    assert [m.name for m in args.models] == ["smollm2-135m-instruct"]
+    assert args.models[0].replica_max_ongoing_requests == 2 * args.models[0].max_batch_size
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"num_replicas": 2}, "num_replicas and autoscaling are exclusive"),
+        ({"autoscaling": None}, "set num_replicas or autoscaling"),
+        ({"max_batch_size": 32, "max_ongoing_requests": 8}, "batches could never fill"),
+        ({"revision": "main"}, "revision applies to hub ids only"),
+        ({"accelerator": "tpu"}, "'auto', 'gpu' or 'cpu'"),
+        ({"surprise": 1}, "Extra inputs are not permitted"),
+        ({"engine": "not a path"}, "String should match pattern"),
+    ],
+)
+def test_model_args_rules_say_how_to_fix(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        ModelArgs(**fields)
+
+
+def test_autoscaling_bounds_are_checked():
+    with pytest.raises(ValidationError, match="raise max_replicas or lower min_replicas"):
+        AutoscalingArgs(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValidationError, match="initial_replicas"):
+        AutoscalingArgs(min_replicas=1, max_replicas=2, initial_replicas=5)
+
+
+def test_model_names_must_be_distinct():
+    with pytest.raises(ValidationError, match="distinct names"):
+        AppArgs(models=[ModelArgs(name="a"), ModelArgs(name="a")])
+    with pytest.raises(ValidationError, match="collide as deployment names"):
+        AppArgs(models=[ModelArgs(name="a/b"), ModelArgs(name="a:b")])
+
+
+@pytest.mark.parametrize(
+    "requested, gpus, expected",
+    [("auto", 0, "cpu"), ("auto", 1, "gpu"), ("auto", 8, "gpu"), ("gpu", 0, "gpu"), ("cpu", 4, "cpu")],
+)
+def test_accelerator_resolution(requested, gpus, expected):
+    assert resolve_accelerator(requested, gpus) == expected
+
+
+def test_gpu_replicas_request_one_gpu_each():
+    model = ModelArgs(accelerator="gpu", num_cpus=2)
+    options = model_deployment_options(model, "gpu")
+    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
+    assert model_deployment_options(model, "cpu")["ray_actor_options"]["num_gpus"] == 0
+
+
+def test_deployment_options_carry_scaling_and_concurrency():
+    autoscaled = model_deployment_options(
+        ModelArgs(max_batch_size=8, autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=3)), "cpu"
+    )
+    assert autoscaled["autoscaling_config"]["max_replicas"] == 3
+    assert autoscaled["max_ongoing_requests"] == 16
+    fixed = model_deployment_options(ModelArgs(num_replicas=2, autoscaling=None), "cpu")
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+
+
+def test_builder_binds_one_deployment_per_model_behind_the_ingress():
+    app = build_app(AppArgs(models=[ModelArgs(name="a"), ModelArgs(name="b/c")]))
+    ingress = app._bound_deployment
+    assert ingress.name == "Ingress"
+    [models] = ingress.init_args
+    assert list(models) == ["a", "b/c"]
+    assert [bound._bound_deployment.name for bound in models.values()] == ["Model-a", "Model-b-c"]
+    config, device = models["a"]._bound_deployment.init_args
+    assert device == "cpu" and config.name == "a" and not hasattr(config, "accelerator")
+
+
+@pytest.mark.parametrize("args_class", [ModelArgs, AutoscalingArgs, IngressArgs])
+def test_readme_documents_every_arg(args_class):
+    readme = Path(__file__).parents[2].joinpath("README.md").read_text()
+    for field in args_class.model_fields:
+        assert f"| `{field}` |" in readme, f"README's config reference lacks {field}"

@@ -1,0 +1,146 @@
+"""The transformers engine on a tiny random model: lengths, stops, seeds, batching."""
+
+import asyncio
+import json
+
+import pytest
+
+from deployments.config import ModelConfig
+from deployments.protocol import GenerationParams, InvalidRequestError
+from deployments.transformers_engine import TransformersEngine
+from tests.tiny_model import TINY_CONTEXT_LENGTH
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    engine = TransformersEngine(ModelConfig(name="tiny", source=str(tiny_model_dir)), "cpu")
+    engine.load()
+    return engine
+
+
+def run(engine, *params: GenerationParams):
+    """Generates one batch; returns per request {index: (text, finish_reason, tokens)}."""
+
+    async def consume():
+        prepared = [engine.prepare(p) for p in params]
+        results = [dict() for _ in prepared]
+        texts = [dict() for _ in prepared]
+        async for step in engine.generate(prepared):
+            for position, deltas in enumerate(step):
+                for delta in deltas:
+                    assert delta.index not in results[position], "delta after the final one"
+                    texts[position][delta.index] = texts[position].get(delta.index, "") + delta.text
+                    if delta.finish_reason:
+                        results[position][delta.index] = (
+                            texts[position][delta.index], delta.finish_reason, delta.completion_tokens
+                        )
+        return results
+
+    return asyncio.run(consume())
+
+
+def greedy(prompt="Once upon a time", **fields) -> GenerationParams:
+    return GenerationParams(prompt=prompt, temperature=0.0, **fields)
+
+
+def test_status_reports_device_dtype_and_context(engine):
+    status = engine.status()
+    assert (status.name, status.device, status.dtype) == ("tiny", "cpu", "float32")
+    assert status.context_length == TINY_CONTEXT_LENGTH
+
+
+def test_max_new_tokens_is_exact_and_finish_reason_length(engine):
+    [result] = run(engine, greedy(max_new_tokens=9))
+    text, reason, tokens = result[0]
+    assert (reason, tokens) == ("length", 9) and text
+
+
+def test_greedy_is_deterministic(engine):
+    assert run(engine, greedy(max_new_tokens=12)) == run(engine, greedy(max_new_tokens=12))
+
+
+def test_stop_string_ends_generation_and_is_excluded(engine):
+    [[(full, _, _)]] = [list(r.values()) for r in run(engine, greedy(max_new_tokens=24))]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), "pick a visible stop string"
+    [result] = run(engine, greedy(max_new_tokens=24, stop=(stop,)))
+    text, reason, tokens = result[0]
+    assert reason == "stop"
+    assert text == full[: full.index(stop)]
+    assert tokens < 24
+
+
+def test_seed_reproduces_sampled_text_and_differs_across_seeds(engine):
+    def sampled(seed):
+        return run(engine, GenerationParams(prompt="Hello", max_new_tokens=16, temperature=1.0, seed=seed))
+
+    assert sampled(7) == sampled(7)
+    assert sampled(7) != sampled(8)
+
+
+def test_num_return_sequences_gives_distinct_seeded_sequences(engine):
+    [result] = run(engine, GenerationParams(prompt="Hi", max_new_tokens=10, temperature=1.0, seed=3, num_return_sequences=3))
+    assert sorted(result) == [0, 1, 2]
+    assert len({result[i][0] for i in result}) == 3
+    [single] = run(engine, GenerationParams(prompt="Hi", max_new_tokens=10, temperature=1.0, seed=3))
+    assert single[0] == result[0], "sequence 0 uses the request's seed itself"
+
+
+def test_mixed_parameters_in_one_batch_are_each_honoured(engine):
+    requests = [
+        greedy("The weather today", max_new_tokens=8),
+        GenerationParams(prompt="A story", max_new_tokens=20, temperature=1.5, top_k=50, seed=11),
+        GenerationParams(prompt="Numbers", max_new_tokens=5, temperature=0.7, top_p=0.5, seed=12),
+        GenerationParams(prompt="Again", max_new_tokens=12, temperature=0.9, repetition_penalty=1.8, seed=13),
+        greedy("x", max_new_tokens=3, num_return_sequences=2),
+    ]
+    batched = run(engine, *requests)
+    alone = [run(engine, request)[0] for request in requests]
+    assert batched == alone
+    assert [r[0][2] for r in batched] == [8, 20, 5, 12, 3]
+
+
+def hf_greedy_tokens(model_dir, prompt: str, max_new_tokens: int) -> list[int]:
+    """What transformers' own generate() picks greedily: the reference for our loop."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    output = model.generate(
+        input_ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None
+    )
+    return output[0, input_ids.shape[1] :].tolist()
+
+
+def test_greedy_matches_transformers_generate(engine, tiny_model_dir):
+    reference = hf_greedy_tokens(tiny_model_dir, "Once upon a time", 12)
+    [result] = run(engine, greedy(max_new_tokens=12))
+    assert result[0][0] == engine._tokenizer.decode(reference, skip_special_tokens=True)
+
+
+def test_eos_ends_with_finish_reason_eos(tiny_model_dir, tmp_path):
+    # Make the third token that greedy decoding produces the model's EOS.
+    reference = hf_greedy_tokens(tiny_model_dir, "Once upon a time", 6)
+    eos_id = reference[2]
+    assert eos_id not in reference[:2]
+    folder = tmp_path / "eos-model"
+    folder.mkdir()
+    for item in tiny_model_dir.iterdir():
+        if item.name != "generation_config.json":
+            (folder / item.name).symlink_to(item)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id}))
+    engine = TransformersEngine(ModelConfig(source=str(folder)), "cpu")
+    engine.load()
+    [result] = run(engine, greedy(max_new_tokens=6))
+    text, reason, completion_tokens = result[0]
+    assert reason == "eos"
+    assert completion_tokens == 3, "the EOS token is generated and counted"
+    assert text == engine._tokenizer.decode(reference[:2], skip_special_tokens=True)
+
+
+def test_context_overflow_is_rejected_before_generation(engine):
+    with pytest.raises(InvalidRequestError) as caught:
+        engine.prepare(GenerationParams(prompt="word " * 300, max_new_tokens=10))
+    assert "exceeds the model's context of 256 tokens" in caught.value.message
