@@ -18,7 +18,12 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
-.PHONY: help setup serve test clean
+# Servers the tests start themselves (redis-server for the Redis rate-limit backend),
+# from Debian's packages; installed with apt-get when missing.
+SYSTEM_PACKAGES := redis-server
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help setup serve test system-packages clean
 
 help:
 	@echo "make serve  - install what is missing, then serve configs/serve.yaml on 127.0.0.1:8000"
@@ -46,7 +51,15 @@ setup: $(VENV)/.installed
 serve: setup
 	$(BIN)/serve run configs/serve.yaml
 
-test: setup $(VENV)/.installed-test
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (apt-get)"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends$$missing; \
+	fi
+
+test: setup $(VENV)/.installed-test system-packages
 	$(BIN)/python -m pytest
 
 clean:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import httpx
 
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import percentile  # noqa: E402
 
 
 def main() -> None:

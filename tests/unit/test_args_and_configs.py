@@ -8,7 +8,16 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import build_app, model_deployment_options, resolve_accelerator
-from serve_app.args import AppArgs, AutoscalingArgs, IngressArgs, ModelArgs
+from serve_app.args import (
+    AppArgs,
+    AuthArgs,
+    AutoscalingArgs,
+    IngressArgs,
+    ModelArgs,
+    QuotaArgs,
+    RateLimitArgs,
+)
+from serve_app.rate_limit import STRATEGIES
 
 CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("serve*.yaml"))
 
@@ -102,15 +111,40 @@ def test_builder_binds_one_deployment_per_model_behind_the_ingress():
     app = build_app(AppArgs(models=[ModelArgs(name="a"), ModelArgs(name="b/c")]))
     ingress = app._bound_deployment
     assert ingress.name == "Ingress"
-    [models] = ingress.init_args
+    models, rate_limits, auth = ingress.init_args
+    assert rate_limits.default.requests == ["10/minute"] and not auth.enabled
     assert list(models) == ["a", "b/c"]
     assert [bound._bound_deployment.name for bound in models.values()] == ["Model-a", "Model-b-c"]
     config, device = models["a"]._bound_deployment.init_args
     assert device == "cpu" and config.name == "a" and not hasattr(config, "accelerator")
 
 
-@pytest.mark.parametrize("args_class", [ModelArgs, AutoscalingArgs, IngressArgs])
+@pytest.mark.parametrize(
+    "args_class", [ModelArgs, AutoscalingArgs, IngressArgs, RateLimitArgs, AuthArgs, QuotaArgs]
+)
 def test_readme_documents_every_arg(args_class):
     readme = Path(__file__).parents[2].joinpath("README.md").read_text()
     for field in args_class.model_fields:
         assert f"| `{field}` |" in readme, f"README's config reference lacks {field}"
+
+
+def test_rate_limit_args_validate_limits_and_storage():
+    with pytest.raises(ValidationError, match="not a rate limit; write it like 10/minute"):
+        QuotaArgs(requests=["lots"])
+    with pytest.raises(ValidationError, match="String should match pattern"):
+        RateLimitArgs(storage="memcached://x")
+    assert RateLimitArgs(storage="redis://127.0.0.1:6379/0").storage.startswith("redis")
+    with pytest.raises(ValidationError, match="auth.enabled is false"):
+        AppArgs(rate_limits=RateLimitArgs(keys={"alice": QuotaArgs()}))
+
+
+def test_every_strategy_name_has_an_implementation():
+    names = RateLimitArgs.model_fields["strategy"].annotation.__args__
+    assert set(names) == set(STRATEGIES)
+
+
+def test_local_config_limits_ten_a_minute_across_two_ingress_replicas():
+    args = AppArgs.model_validate(yaml.safe_load(CONFIGS[0].read_text())["applications"][0]["args"])
+    assert args.ingress.num_replicas == 2
+    assert args.rate_limits.enabled and args.rate_limits.default.requests == ["10/minute"]
+    assert args.rate_limits.storage == "ray" and not args.auth.enabled

@@ -6,8 +6,18 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deployments.config import ModelConfig
+from serve_app.access import AccessControl
+from serve_app.args import AuthArgs, RateLimitArgs
 from serve_app.ingress import Ingress, create_api
+from serve_app.rate_limit import Quota
 from tests.fakes import FAKE_CONTEXT_LENGTH, FakeEngine, FakeModelHandle, fake_source, fake_text
+
+
+NO_LIMITS = AccessControl(limiter=None, default_quota=Quota())
+
+
+def make_ingress(handles) -> Ingress:
+    return Ingress(handles, RateLimitArgs(enabled=False), AuthArgs())
 
 
 @pytest.fixture
@@ -15,8 +25,8 @@ def client():
     engine = FakeEngine(ModelConfig(name="fake", source=fake_source()), "cpu")
     engine.load()
     other = FakeEngine(ModelConfig(name="other", source=fake_source()), "cpu")
-    ingress = Ingress({"fake": FakeModelHandle(engine), "other": FakeModelHandle(other)})
-    with TestClient(create_api(ingress), raise_server_exceptions=False) as test_client:
+    ingress = make_ingress({"fake": FakeModelHandle(engine), "other": FakeModelHandle(other)})
+    with TestClient(create_api(ingress, NO_LIMITS), raise_server_exceptions=False) as test_client:
         yield test_client
 
 
@@ -137,7 +147,7 @@ def test_unexpected_error_is_a_masked_500_with_request_id(client):
             raise RuntimeError("secret internal detail")
 
     broken_engine = FakeEngine(ModelConfig(source=fake_source()), "cpu")
-    app = create_api(Ingress({"m": Broken(broken_engine)}))
+    app = create_api(make_ingress({"m": Broken(broken_engine)}), NO_LIMITS)
     with TestClient(app, raise_server_exceptions=False) as broken_client:
         response = broken_client.post("/generate", json={"prompt": "a"})
     assert response.status_code == 500

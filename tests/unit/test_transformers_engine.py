@@ -144,3 +144,24 @@ def test_context_overflow_is_rejected_before_generation(engine):
     with pytest.raises(InvalidRequestError) as caught:
         engine.prepare(GenerationParams(prompt="word " * 300, max_new_tokens=10))
     assert "exceeds the model's context of 256 tokens" in caught.value.message
+
+
+def test_a_cancelled_request_leaves_the_batch_at_the_next_step(engine):
+    async def consume():
+        long = engine.prepare(greedy("A long one", max_new_tokens=40))
+        short = engine.prepare(greedy("Keep going", max_new_tokens=6))
+        steps_with_long = 0
+        tokens = {}
+        async for step in engine.generate([long, short]):
+            if step[0]:
+                steps_with_long += 1
+                tokens["long"] = step[0][-1].completion_tokens
+                if steps_with_long == 3:
+                    long.cancelled.set()
+            for delta in step[1]:
+                tokens["short"] = (delta.completion_tokens, delta.finish_reason)
+        return steps_with_long, tokens
+
+    steps_with_long, tokens = asyncio.run(consume())
+    assert steps_with_long == 3 and tokens["long"] == 3, "no output after the cancel"
+    assert tokens["short"] == (6, "length"), "its neighbour finishes normally"

@@ -1,0 +1,114 @@
+"""The app's metrics, defined once, recorded inside the replicas through
+`ray.util.metrics`. Ray's metrics agent exports each as ``ray_<name>`` (counters gain
+``_total``); Prometheus scrapes the agent, never the ingress.
+
+Each metric object is created on first use in the process that records it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from ray.util import metrics
+
+# From a cached 5 ms answer to a long generation on a busy CPU.
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@functools.cache
+def _counter(name: str, description: str, tag_keys: tuple[str, ...]) -> metrics.Counter:
+    return metrics.Counter(name, description=description, tag_keys=tag_keys)
+
+
+@functools.cache
+def _histogram(
+    name: str, description: str, boundaries: tuple[float, ...], tag_keys: tuple[str, ...]
+) -> metrics.Histogram:
+    return metrics.Histogram(name, description=description, boundaries=list(boundaries), tag_keys=tag_keys)
+
+
+@functools.cache
+def _gauge(name: str, description: str, tag_keys: tuple[str, ...]) -> metrics.Gauge:
+    return metrics.Gauge(name, description=description, tag_keys=tag_keys)
+
+
+# The ingress side.
+
+
+def record_request(route: str, status_code: int, model: str, latency_s: float) -> None:
+    """A finished HTTP request: ``textgen_requests_total`` and ``textgen_request_latency_seconds``."""
+    tags = {"route": route, "status_code": str(status_code), "model": model}
+    _counter(
+        "textgen_requests", "HTTP requests by route, status code and model.", ("route", "status_code", "model")
+    ).inc(tags=tags)
+    _histogram(
+        "textgen_request_latency_seconds",
+        "Time from the ingress receiving a request to its last byte.",
+        LATENCY_BUCKETS_S,
+        ("route", "model"),
+    ).observe(latency_s, tags={"route": route, "model": model})
+
+
+def record_rate_limited(route: str) -> None:
+    """A request refused with 429 (``textgen_rate_limited_total``)."""
+    _counter("textgen_rate_limited", "Requests refused by the rate limiter.", ("route",)).inc(
+        tags={"route": route}
+    )
+
+
+def record_rate_limiter_error(backend: str) -> None:
+    """The limiter's store could not be reached (``textgen_rate_limiter_errors_total``)."""
+    _counter(
+        "textgen_rate_limiter_errors",
+        "Rate-limit checks that failed because the store was unreachable.",
+        ("backend",),
+    ).inc(tags={"backend": backend})
+
+
+# The model side.
+
+
+def record_prompt_tokens(model: str, tokens: int) -> None:
+    """Prompt tokens of a request entering a batch (``textgen_prompt_tokens_total``)."""
+    _counter("textgen_prompt_tokens", "Prompt tokens processed.", ("model",)).inc(tokens, tags={"model": model})
+
+
+def record_completion_tokens(model: str, tokens: int) -> None:
+    """Tokens generated, counted as each step produces them, so the counter stops growing
+    as soon as a generation stops (``textgen_completion_tokens_total``)."""
+    _counter("textgen_completion_tokens", "Tokens generated.", ("model",)).inc(tokens, tags={"model": model})
+
+
+def record_queue_time(model: str, seconds: float) -> None:
+    """From a request's arrival at a model replica to its batch starting."""
+    _histogram(
+        "textgen_queue_time_seconds",
+        "Time a request waits in a model replica before its batch starts.",
+        LATENCY_BUCKETS_S,
+        ("model",),
+    ).observe(seconds, tags={"model": model})
+
+
+def record_time_to_first_token(model: str, seconds: float) -> None:
+    """From a request's arrival at a model replica to its first generated text."""
+    _histogram(
+        "textgen_time_to_first_token_seconds",
+        "Time from a request reaching a model replica to its first token.",
+        LATENCY_BUCKETS_S,
+        ("model",),
+    ).observe(seconds, tags={"model": model})
+
+
+def record_batch_size(model: str, sequences: int) -> None:
+    """Sequences decoded together in a batch, at its start."""
+    _histogram(
+        "textgen_batch_size", "Sequences per decode batch.", BATCH_SIZE_BUCKETS, ("model",)
+    ).observe(sequences, tags={"model": model})
+
+
+def record_model_load(model: str, seconds: float) -> None:
+    """How long the replica took to load its model (``textgen_model_load_seconds``)."""
+    _gauge("textgen_model_load_seconds", "Seconds the replica took to load its model.", ("model",)).set(
+        seconds, tags={"model": model}
+    )

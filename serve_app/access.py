@@ -1,0 +1,276 @@
+"""Who is calling and what they may spend: API keys, client identity, rate limits, and
+the X-RateLimit-* headers on every response."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from deployments import metrics
+from deployments.settings import Settings
+from serve_app.args import AuthArgs, RateLimitArgs
+from serve_app.auth import ApiKeyConfigError, ApiKeys, presented_key
+from serve_app.errors import ServiceError, error_response
+from serve_app.rate_limit import (
+    Backend,
+    Quota,
+    RateLimiter,
+    RayActorBackend,
+    StorageBackend,
+    StoreUnavailableError,
+)
+
+logger = logging.getLogger("ray.serve")
+
+# Probes and the schema stay reachable without a key and are never limited.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"})
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Client:
+    """A caller: ``key:<name>`` when keys are on, else ``ip:<address>``."""
+
+    identity: str
+    quota: Quota
+
+
+def route_path(scope: Scope) -> str:
+    """The request path inside the application (without Serve's route prefix)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def client_address(scope: Scope, trusted_proxies: Sequence[Network]) -> str:
+    """The caller's address. ``X-Forwarded-For`` counts only when the peer is a trusted
+    proxy; then the right-most address that is not itself a trusted proxy is the client
+    (entries further left could have been written by the client)."""
+    peer = (scope.get("client") or ("unknown", 0))[0]
+    if not trusted_proxies or not _is_trusted(peer, trusted_proxies):
+        return peer
+    forwarded = Headers(scope=scope).get("x-forwarded-for", "")
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted_proxies):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _is_trusted(address: str, trusted_proxies: Iterable[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted_proxies)
+
+
+class UnauthenticatedError(ServiceError):
+    def __init__(self, message: str) -> None:
+        super().__init__(401, message, error_type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+
+
+class AccessControl:
+    """Identifies clients and applies their quotas.
+
+    Args:
+        limiter: the shared limiter, or None when rate limiting is off.
+        default_quota: quota of clients without one of their own.
+        key_quotas: quota per API key name.
+        api_keys: the keys, or None when keys are off.
+        trusted_proxies: proxies whose X-Forwarded-For is believed.
+    """
+
+    def __init__(
+        self,
+        limiter: RateLimiter | None,
+        default_quota: Quota,
+        key_quotas: Mapping[str, Quota] | None = None,
+        api_keys: ApiKeys | None = None,
+        trusted_proxies: Sequence[Network] = (),
+    ) -> None:
+        self.limiter = limiter
+        self._default_quota = default_quota
+        self._key_quotas = dict(key_quotas or {})
+        self._api_keys = api_keys
+        self._trusted_proxies = list(trusted_proxies)
+
+    def anonymous(self, scope: Scope) -> Client:
+        return Client(f"ip:{client_address(scope, self._trusted_proxies)}", self._default_quota)
+
+    def identify(self, scope: Scope) -> Client:
+        """The caller of ``scope``.
+
+        Raises:
+            UnauthenticatedError: keys are on and the request has none, or a wrong one.
+        """
+        if self._api_keys is None or route_path(scope) in OPEN_PATHS:
+            return self.anonymous(scope)
+        key = presented_key(Headers(scope=scope))
+        if key is None:
+            raise UnauthenticatedError(
+                "an API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+            )
+        name = self._api_keys.identify(key)
+        if name is None:
+            raise UnauthenticatedError("the API key is not valid")
+        return Client(f"key:{name}", self._key_quotas.get(name, self._default_quota))
+
+    async def admit(self, request: Request, route: str) -> None:
+        """Counts the request against its client's quota.
+
+        Raises:
+            ServiceError: 429 when a limit is spent, 503 when the store failed closed.
+        """
+        client: Client = request.state.client
+        if self.limiter is None:
+            return
+        try:
+            decision = await self.limiter.admit(client.identity, client.quota)
+        except StoreUnavailableError:
+            raise ServiceError(503, "rate limiter unavailable; retry shortly", headers={"Retry-After": "1"}) from None
+        request.state.rate_limit = decision.state
+        if not decision.allowed:
+            metrics.record_rate_limited(route)
+            retry_after = max(1, math.ceil(decision.state.reset_after_s))
+            raise ServiceError(
+                429,
+                f"rate limit of {decision.state.limit} per window exceeded for {client.identity}; "
+                f"retry in {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
+
+    def may_overlap(self, request: Request) -> bool:
+        """Whether the quota check may run beside the model call rather than before it:
+        only for a client this replica recently saw far from all its limits, so a
+        client at its limit never reaches a model replica."""
+        client: Client = request.state.client
+        return (
+            self.limiter is not None
+            and not client.quota.unlimited
+            and self.limiter.has_headroom(client.identity)
+        )
+
+    async def admit_around(self, request: Request, route: str, start_call: Callable[[], T]) -> T:
+        """Admits the request, then starts ``start_call`` (a model call that can be
+        cancelled); returns what it returned.
+
+        The check costs one store round trip, more under load. For clients with
+        headroom (`may_overlap`) the model call starts at once and the check runs beside
+        it; should the check refuse after all, the call is cancelled (a batch drops a
+        cancelled request at its next step) and the refusal is raised as usual.
+        """
+        if not self.may_overlap(request):
+            await self.admit(request, route)
+            return start_call()
+        admission = asyncio.ensure_future(self.admit(request, route))
+        call = start_call()
+        try:
+            await admission
+        except BaseException:
+            call.cancel()
+            raise
+        return call
+
+    async def charge_tokens(self, request: Request, tokens: int) -> None:
+        """Charges a finished request's tokens to its client's token quota; returns at
+        once (the charge runs as a task of its own, so it survives a cancelled caller)."""
+        client: Client = request.state.client
+        if self.limiter is not None:
+            self.limiter.charge_tokens(client.identity, client.quota, tokens)
+
+
+def build_access_control(
+    rate_limits: RateLimitArgs, auth: AuthArgs, settings: Settings, app_name: str
+) -> AccessControl:
+    """The access control of one ingress replica, from the app args and the environment.
+
+    Raises:
+        ApiKeyConfigError: keys are on but none are configured, or an entry is malformed.
+    """
+    api_keys = None
+    if auth.enabled:
+        files = [path for path in (auth.keys_file, settings.api_keys_file) if path]
+        env_keys = settings.api_keys.get_secret_value() if settings.api_keys else None
+        api_keys = ApiKeys.load(env_keys, files)
+        if not api_keys.names:
+            raise ApiKeyConfigError(
+                "auth.enabled is true but no API keys are configured: set TEXTGEN_API_KEYS, "
+                "TEXTGEN_API_KEYS_FILE or auth.keys_file"
+            )
+        unknown = sorted(set(rate_limits.keys) - set(api_keys.names))
+        if unknown:
+            logger.warning("rate_limits.keys names keys that do not exist: %s", ", ".join(unknown))
+    default = Quota(
+        requests=tuple(settings.default_request_limits(rate_limits.default.requests)),
+        tokens=tuple(rate_limits.default.tokens),
+    )
+    limiter = None
+    if rate_limits.enabled:
+        backend: Backend = (
+            RayActorBackend(f"textgen-rate-limits:{app_name}", namespace="textgen")
+            if rate_limits.storage == "ray"
+            else StorageBackend(rate_limits.storage)
+        )
+        limiter = RateLimiter(backend, rate_limits.strategy, rate_limits.fail_open, rate_limits.timeout_s)
+    return AccessControl(
+        limiter,
+        default,
+        {name: quota.to_quota() for name, quota in rate_limits.keys.items()},
+        api_keys,
+        rate_limits.trusted_proxies,
+    )
+
+
+class AccessMiddleware:
+    """Identifies the caller before routing (401 when a key is needed and missing) and
+    puts the X-RateLimit-* headers on every response: the standing the route's check
+    left, or, where no check ran (errors, probes), a look at the counters that counts
+    nothing. Without limits there is no limit to report, and the headers are left out;
+    if the store does not answer, they are left out rather than the response delayed
+    past the limiter's timeout."""
+
+    def __init__(self, app: ASGIApp, access: AccessControl) -> None:
+        self.app = app
+        self.access = access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        try:
+            state["client"] = self.access.identify(scope)
+        except UnauthenticatedError as exc:
+            state["client"] = self.access.anonymous(scope)
+            response = error_response(exc.status_code, exc.message, None, exc.error_type, exc.headers)
+            await response(scope, receive, self._with_rate_headers(scope, send))
+            return
+        await self.app(scope, receive, self._with_rate_headers(scope, send))
+
+    def _with_rate_headers(self, scope: Scope, send: Send) -> Send:
+        limiter = self.access.limiter
+        if limiter is None:
+            return send
+        state = scope["state"]
+
+        async def send_with_rate_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                client: Client = state["client"]
+                standing = state.get("rate_limit")
+                if standing is None:
+                    standing = await limiter.peek(client.identity, client.quota)
+                if standing is not None:
+                    MutableHeaders(scope=message).update(standing.headers())
+            await send(message)
+
+        return send_with_rate_headers

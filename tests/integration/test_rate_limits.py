@@ -1,0 +1,182 @@
+"""Cluster-wide limits over HTTP: two ingress replicas share one count."""
+
+import asyncio
+import shutil
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from serve_app.args import AppArgs, AuthArgs, IngressArgs, ModelArgs, QuotaArgs, RateLimitArgs
+from tests.integration.conftest import deploy, free_port
+
+pytestmark = pytest.mark.integration
+
+KEY_SMALL = "small-quota-key-0123456789"
+KEY_OTHER = "other-quota-key-0123456789"
+
+
+def limited_app(tiny_model_dir, rate_limits: RateLimitArgs, auth: AuthArgs | None = None) -> AppArgs:
+    return AppArgs(
+        models=[ModelArgs(name="tiny", source=str(tiny_model_dir), num_cpus=0.1, num_replicas=1, autoscaling=None)],
+        ingress=IngressArgs(num_replicas=2, num_cpus=0.1),
+        rate_limits=rate_limits,
+        auth=auth or AuthArgs(),
+    )
+
+
+def from_client(address: str) -> dict:
+    # The tests' peer, 127.0.0.1, is a trusted proxy in these apps, so X-Forwarded-For
+    # names the client: one machine can play many clients.
+    return {"X-Forwarded-For": address}
+
+
+async def burst(url: str, count: int, headers: dict) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await asyncio.gather(
+            *(client.post(f"{url}/generate", json={"prompt": "hi", "max_new_tokens": 1}, headers=headers)
+              for _ in range(count))
+        )
+
+
+@pytest.fixture(scope="module")
+def limits_url(serve_base_url, tiny_model_dir):
+    rate_limits = RateLimitArgs(default=QuotaArgs(requests=["10/minute"]), trusted_proxies=["127.0.0.1/32"])
+    url = deploy(serve_base_url, limited_app(tiny_model_dir, rate_limits), "limits")
+    yield url
+    serve.delete("limits")
+
+
+def check_ten_of_fifteen(url: str, client: str, atomic_standing: bool = True) -> None:
+    """15 concurrent requests against 10/minute: exactly 10 pass.
+
+    The actor store counts and reads the standing in one step, so the ten successes
+    report remaining 9..0; Redis reads it after counting, when concurrent requests may
+    already have been counted too, so there it is only bounded.
+    """
+    responses = asyncio.run(burst(url, 15, from_client(client)))
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert (len(ok), len(refused)) == (10, 5), [r.status_code for r in responses]
+    remaining = sorted(int(r.headers["X-RateLimit-Remaining"]) for r in ok)
+    if atomic_standing:
+        assert remaining == list(range(10))
+    else:
+        assert all(0 <= value <= 9 for value in remaining)
+    for response in responses:
+        assert response.headers["X-RateLimit-Limit"] == "10"
+        assert 0 < int(response.headers["X-RateLimit-Reset"]) <= 60
+    for response in refused:
+        assert response.headers["X-RateLimit-Remaining"] == "0"
+        assert 1 <= int(response.headers["Retry-After"]) <= 60
+        assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_two_ingress_replicas_let_exactly_the_limit_through(limits_url):
+    ingress = serve.status().applications["limits"].deployments["Ingress"]
+    assert ingress.replica_states.get("RUNNING") == 2
+    check_ten_of_fifteen(limits_url, "192.0.2.1")
+
+
+def test_clients_are_counted_apart(limits_url):
+    asyncio.run(burst(limits_url, 10, from_client("192.0.2.2")))
+    assert asyncio.run(burst(limits_url, 1, from_client("192.0.2.2")))[0].status_code == 429
+    assert asyncio.run(burst(limits_url, 1, from_client("192.0.2.3")))[0].status_code == 200
+
+
+def test_killing_the_limiter_actor_never_gives_a_500(limits_url):
+    actor = ray.get_actor("textgen-rate-limits:limits", namespace="textgen")
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def keep_sending():
+        with httpx.Client(timeout=60) as client:
+            index = 0
+            while not stop.is_set():
+                index += 1
+                response = client.post(
+                    f"{limits_url}/generate",
+                    json={"prompt": "hi", "max_new_tokens": 1},
+                    headers=from_client(f"198.51.100.{index % 200 + 1}"),
+                )
+                statuses.append(response.status_code)
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    time.sleep(1)
+    ray.kill(actor, no_restart=False)  # as if its process crashed; Ray restarts it
+    time.sleep(4)
+    stop.set()
+    sender.join(timeout=60)
+    assert statuses and set(statuses) <= {200, 429}, sorted(set(statuses))
+    # Restarted (empty) counters enforce the limit again.
+    check_ten_of_fifteen(limits_url, "192.0.2.50")
+
+
+@pytest.fixture(scope="module")
+def keys_url(serve_base_url, tiny_model_dir, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("keys") / "api-keys"
+    key_file.write_text(f"small:{KEY_SMALL}\nother:{KEY_OTHER}\n")
+    rate_limits = RateLimitArgs(
+        default=QuotaArgs(requests=["100/minute"]),
+        keys={"small": QuotaArgs(requests=["100/minute"], tokens=["30/minute"])},
+    )
+    args = limited_app(tiny_model_dir, rate_limits, AuthArgs(enabled=True, keys_file=key_file))
+    url = deploy(serve_base_url, args, "keys")
+    yield url
+    serve.delete("keys")
+
+
+def test_a_keys_token_quota_stops_it_after_its_tokens(keys_url):
+    def generate(key):
+        return httpx.post(
+            f"{keys_url}/generate",
+            json={"prompt": "one two three four", "max_new_tokens": 6, "temperature": 0},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+
+    statuses, spent = [], 0
+    while len(statuses) < 6:
+        response = generate(KEY_SMALL)
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            break
+        spent += response.json()["usage"]["total_tokens"]
+        time.sleep(0.3)  # tokens are charged just after the response
+    assert statuses[-1] == 429 and spent >= 30
+    assert spent - response.json().get("usage", {}).get("total_tokens", 0) < 30 + 12
+    assert generate(KEY_OTHER).status_code == 200, "another key has its own quota"
+    assert httpx.post(f"{keys_url}/generate", json={"prompt": "hi"}, timeout=60).status_code == 401
+
+
+@pytest.fixture(scope="module")
+def redis_url(serve_base_url, tiny_model_dir, tmp_path_factory):
+    server = shutil.which("redis-server")
+    assert server, "redis-server is needed (Debian package redis-server; .ci/run installs it)"
+    port = free_port()
+    redis = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        rate_limits = RateLimitArgs(
+            default=QuotaArgs(requests=["10/minute"]),
+            storage=f"redis://127.0.0.1:{port}/0",
+            trusted_proxies=["127.0.0.1/32"],
+        )
+        url = deploy(serve_base_url, limited_app(tiny_model_dir, rate_limits), "redis")
+        yield url
+        serve.delete("redis")
+    finally:
+        redis.terminate()
+        redis.wait(timeout=10)
+
+
+def test_redis_backend_gives_the_same_results(redis_url):
+    check_ten_of_fifteen(redis_url, "192.0.2.77", atomic_standing=False)
+    assert asyncio.run(burst(redis_url, 1, from_client("192.0.2.78")))[0].status_code == 200

@@ -1,0 +1,222 @@
+"""Identity, API keys and rate-limit headers, without Ray (counters in local memory)."""
+
+import ipaddress
+import hashlib
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.config import ModelConfig
+from deployments.settings import Settings
+from serve_app.access import AccessControl, build_access_control, client_address, route_path
+from serve_app.args import AuthArgs, RateLimitArgs
+from serve_app.auth import ApiKeyConfigError, ApiKeys, parse_key_entries, presented_key
+from serve_app.ingress import Ingress, create_api
+from serve_app.rate_limit import LimitState, Quota, RateLimiter, StorageBackend
+from tests.fakes import FakeEngine, FakeModelHandle, fake_source
+
+ALICE_KEY = "alice-secret-key-0123456789"
+BOB_KEY = "bob-secret-key-0123456789ab"
+
+
+def scope(peer="203.0.113.9", forwarded=None, path="/generate", root=""):
+    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+    return {"type": "http", "client": (peer, 1234), "headers": headers, "path": root + path, "root_path": root}
+
+
+PROXIES = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32")]
+
+
+def test_address_is_the_peer_without_trusted_proxies():
+    assert client_address(scope(forwarded="1.2.3.4"), []) == "203.0.113.9"
+
+
+def test_forwarded_for_from_an_untrusted_peer_is_ignored():
+    assert client_address(scope(peer="198.51.100.1", forwarded="1.2.3.4"), PROXIES) == "198.51.100.1"
+
+
+def test_forwarded_for_from_a_trusted_proxy_names_the_client():
+    assert client_address(scope(peer="10.0.0.5", forwarded="1.2.3.4"), PROXIES) == "1.2.3.4"
+
+
+def test_spoofed_left_entries_are_skipped_for_the_rightmost_untrusted():
+    # The client wrote "6.6.6.6"; the proxies appended the real 1.2.3.4 and themselves.
+    assert client_address(scope(peer="10.0.0.5", forwarded="6.6.6.6, 1.2.3.4, 10.0.0.7"), PROXIES) == "1.2.3.4"
+
+
+def test_route_path_drops_the_serve_route_prefix():
+    assert route_path(scope(path="/healthz", root="/app")) == "/healthz"
+
+
+def test_key_entries_parse_plain_and_hashed():
+    digest = hashlib.sha256(BOB_KEY.encode()).hexdigest()
+    digests = parse_key_entries(f"alice:{ALICE_KEY}\n# comment\n\nbob:sha256:{digest}", "test")
+    keys = ApiKeys(digests)
+    assert keys.identify(ALICE_KEY) == "alice" and keys.identify(BOB_KEY) == "bob"
+    assert keys.identify("alice-secret-key-012345678X") is None
+    assert ALICE_KEY not in repr(keys) and ALICE_KEY.encode() not in b"".join(digests.values())
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("no-separator", "must be `name:key`"),
+        ("alice:short", "shorter than 16"),
+        (f"alice:{ALICE_KEY},alice:{BOB_KEY}", "appears twice"),
+        (f"bad name:{ALICE_KEY}", "must be `name:key`"),
+    ],
+)
+def test_malformed_key_entries_are_refused_without_echoing_keys(text, message):
+    with pytest.raises(ApiKeyConfigError, match=message) as caught:
+        parse_key_entries(text, "TEXTGEN_API_KEYS")
+    assert ALICE_KEY not in str(caught.value)
+
+
+def test_keys_load_from_environment_and_file(tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"bob:{BOB_KEY}\n")
+    keys = ApiKeys.load(f"alice:{ALICE_KEY}", [key_file])
+    assert sorted(keys.names) == ["alice", "bob"]
+    with pytest.raises(ApiKeyConfigError, match="cannot read"):
+        ApiKeys.load(None, [tmp_path / "missing"])
+
+
+def test_presented_key_reads_bearer_or_x_api_key():
+    assert presented_key({"authorization": "Bearer abc"}) == "abc"
+    assert presented_key({"authorization": "bearer  abc "}) == "abc"
+    assert presented_key({"x-api-key": "xyz"}) == "xyz"
+    assert presented_key({"authorization": "Basic abc"}) is None
+
+
+def test_limit_state_headers():
+    assert LimitState(10, 3, 41.2).headers() == {
+        "X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "3", "X-RateLimit-Reset": "42"
+    }
+    assert LimitState(10, -2, -1).headers()["X-RateLimit-Remaining"] == "0"
+
+
+def test_auth_without_keys_fails_at_start_with_how_to_fix():
+    with pytest.raises(ApiKeyConfigError, match="TEXTGEN_API_KEYS"):
+        build_access_control(RateLimitArgs(), AuthArgs(enabled=True), Settings(api_keys=None), "app")
+
+
+def test_environment_overrides_the_default_request_limits():
+    settings = Settings(rate_limit="3/second;50/hour")
+    access = build_access_control(RateLimitArgs(), AuthArgs(), settings, "app")
+    assert access.anonymous(scope()).quota.requests == ("3/second", "50/hour")
+    off = build_access_control(RateLimitArgs(), AuthArgs(), Settings(rate_limit="off"), "app")
+    assert off.anonymous(scope()).quota.unlimited
+
+
+def make_client(access: AccessControl) -> TestClient:
+    engine = FakeEngine(ModelConfig(name="fake", source=fake_source()), "cpu")
+    ingress = Ingress({"fake": FakeModelHandle(engine)}, RateLimitArgs(), AuthArgs())
+    return TestClient(create_api(ingress, access), raise_server_exceptions=False)
+
+
+def memory_limiter() -> RateLimiter:
+    return RateLimiter(StorageBackend("memory://"), "moving-window", fail_open=True, timeout_s=1)
+
+
+def test_limit_gives_429_with_retry_after_and_headers_everywhere():
+    access = AccessControl(memory_limiter(), Quota(requests=("3/minute",)))
+    with make_client(access) as client:
+        responses = [client.post("/generate", json={"prompt": "a", "max_new_tokens": 1}) for _ in range(5)]
+        assert [r.status_code for r in responses] == [200, 200, 200, 429, 429]
+        assert [r.headers["X-RateLimit-Remaining"] for r in responses] == ["2", "1", "0", "0", "0"]
+        assert all(r.headers["X-RateLimit-Limit"] == "3" for r in responses)
+        assert 0 < int(responses[-1].headers["X-RateLimit-Reset"]) <= 60
+        refused = responses[-1]
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        # Responses that count nothing still report the standing.
+        invalid = client.post("/generate", json={"prompt": ""})
+        assert invalid.status_code == 422 and invalid.headers["X-RateLimit-Remaining"] == "0"
+        assert client.get("/healthz").headers["X-RateLimit-Limit"] == "3"
+
+
+def test_invalid_requests_do_not_use_up_the_limit():
+    access = AccessControl(memory_limiter(), Quota(requests=("2/minute",)))
+    with make_client(access) as client:
+        for _ in range(3):
+            assert client.post("/generate", json={"prompt": "a", "temperature": 9}).status_code == 422
+        assert client.post("/generate", json={"prompt": "a", "max_new_tokens": 1}).status_code == 200
+
+
+def test_api_keys_gate_and_identify_clients():
+    keys = ApiKeys(parse_key_entries(f"alice:{ALICE_KEY},bob:{BOB_KEY}", "test"))
+    access = AccessControl(
+        memory_limiter(), Quota(requests=("1/minute",)), {"alice": Quota(requests=("2/minute",))}, keys
+    )
+    with make_client(access) as client:
+        missing = client.post("/generate", json={"prompt": "a"})
+        assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
+        assert missing.json()["error"]["type"] == "authentication_error"
+        wrong = client.post("/generate", json={"prompt": "a"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "not valid" in wrong.json()["error"]["message"]
+        assert client.get("/healthz").status_code == 200, "probes need no key"
+
+        def generate(key):
+            return client.post("/generate", json={"prompt": "a", "max_new_tokens": 1}, headers={"X-API-Key": key})
+
+        assert [generate(ALICE_KEY).status_code for _ in range(3)] == [200, 200, 429]
+        assert [generate(BOB_KEY).status_code for _ in range(2)] == [200, 429]
+
+
+def test_token_quota_stops_a_client_after_its_tokens():
+    access = AccessControl(memory_limiter(), Quota(tokens=("25/minute",)))
+    with make_client(access) as client:
+        statuses = []
+        for _ in range(4):
+            response = client.post("/generate", json={"prompt": "abcde", "max_new_tokens": 5})
+            statuses.append(response.status_code)
+            client.portal.call(access.limiter.wait_for_charges)
+        # 10 tokens each: 10, 20, then 30 > 25 is charged in full, so the fourth is refused.
+        assert statuses == [200, 200, 200, 429]
+
+
+def test_headroom_is_remembered_only_far_from_the_limit():
+    async def scenario():
+        limiter = memory_limiter()
+        quota = Quota(requests=("5/minute",))
+        seen = []
+        for _ in range(5):
+            decision = await limiter.admit("ip:a", quota)
+            seen.append((decision.state.remaining, limiter.has_headroom("ip:a")))
+        return seen
+
+    import asyncio
+
+    # remaining 4, 3, 2 leave headroom (>= 2 left); 1 and 0 do not.
+    assert asyncio.run(scenario()) == [(4, True), (3, True), (2, True), (1, False), (0, False)]
+
+
+def test_a_refusal_after_an_overlapped_start_cancels_the_model_call():
+    import asyncio
+
+    class SlowHandle(FakeModelHandle):
+        finished = 0
+
+        async def _generate(self, params):
+            await asyncio.sleep(0.5)
+            SlowHandle.finished += 1
+            return await super()._generate(params)
+
+    limiter = memory_limiter()
+    quota = Quota(requests=("20/minute",))
+    access = AccessControl(limiter, quota)
+    engine = FakeEngine(ModelConfig(name="fake", source=fake_source()), "cpu")
+    ingress = Ingress({"fake": SlowHandle(engine)}, RateLimitArgs(), AuthArgs())
+    with TestClient(create_api(ingress, access), raise_server_exceptions=False) as client:
+        body = {"prompt": "a", "max_new_tokens": 1}
+        assert client.post("/generate", json=body).status_code == 200
+        identity = "ip:testclient"
+        assert limiter.has_headroom(identity)
+        # Another replica spends the rest of the limit meanwhile.
+        for _ in range(19):
+            client.portal.call(limiter.admit, identity, quota)
+        refused = client.post("/generate", json=body)
+        assert refused.status_code == 429
+    # The refused request's model call was started, then cancelled before it finished
+    # (or before it ran at all, when the refusal came first).
+    assert SlowHandle.finished == 1
