@@ -18,9 +18,9 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
-# Servers the tests start themselves (redis-server for the Redis rate-limit backend),
-# from Debian's packages; installed with apt-get when missing.
-SYSTEM_PACKAGES := redis-server
+# Servers the tests start themselves (redis-server for the Redis rate-limit backend,
+# prometheus to scrape the cluster), from Debian's packages; apt-get when missing.
+SYSTEM_PACKAGES := redis-server prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help setup serve test system-packages clean

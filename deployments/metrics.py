@@ -14,6 +14,7 @@ from ray.util import metrics
 # From a cached 5 ms answer to a long generation on a busy CPU.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MODEL_LOAD_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
 
 @functools.cache
@@ -26,11 +27,6 @@ def _histogram(
     name: str, description: str, boundaries: tuple[float, ...], tag_keys: tuple[str, ...]
 ) -> metrics.Histogram:
     return metrics.Histogram(name, description=description, boundaries=list(boundaries), tag_keys=tag_keys)
-
-
-@functools.cache
-def _gauge(name: str, description: str, tag_keys: tuple[str, ...]) -> metrics.Gauge:
-    return metrics.Gauge(name, description=description, tag_keys=tag_keys)
 
 
 # The ingress side.
@@ -108,7 +104,11 @@ def record_batch_size(model: str, sequences: int) -> None:
 
 
 def record_model_load(model: str, seconds: float) -> None:
-    """How long the replica took to load its model (``textgen_model_load_seconds``)."""
-    _gauge("textgen_model_load_seconds", "Seconds the replica took to load its model.", ("model",)).set(
-        seconds, tags={"model": model}
-    )
+    """How long a replica took to load its model (``textgen_model_load_seconds``); a
+    histogram, one observation per replica start (a gauge set once would expire)."""
+    _histogram(
+        "textgen_model_load_seconds",
+        "Seconds a replica took to load its model.",
+        MODEL_LOAD_BUCKETS_S,
+        ("model",),
+    ).observe(seconds, tags={"model": model})

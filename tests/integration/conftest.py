@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,15 +26,37 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    serve_url: str
+    metrics_url: str
+    session_dir: Path
+
+
 @pytest.fixture(scope="session")
-def serve_base_url():
-    """Starts Ray (address="local": never joins another cluster) and Serve on a free port."""
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+def cluster():
+    """Starts Ray (address="local": never joins another cluster) with its metrics agent
+    on a known port, reporting every second, and Serve on a free port."""
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # read by the processes Ray starts
+    metrics_port = free_port()
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
+    session_dir = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+    yield Cluster(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", session_dir)
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_base_url(cluster):
+    return cluster.serve_url
 
 
 def tiny_app_args(tiny_model_dir, **model_fields) -> AppArgs:

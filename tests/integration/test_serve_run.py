@@ -85,14 +85,28 @@ def test_embedded_model_answers_in_its_chat_format_and_stops_at_eos(served):
     assert body["finish_reason"] == "eos"
 
 
-def test_serve_status_shows_the_application_running(served):
+@pytest.fixture(scope="module")
+def dashboard_address(served):
     _, log_path = served
     match = re.search(r"dashboard at \S*?(\d+\.\d+\.\d+\.\d+:\d+)", log_path.read_text(errors="replace"))
     assert match, "serve run should print the dashboard address"
+    return f"http://{match.group(1)}"
+
+
+def test_serve_status_shows_the_application_running(dashboard_address):
     status = subprocess.run(
-        [str(SERVE), "status", "--address", f"http://{match.group(1)}"],
+        [str(SERVE), "status", "--address", dashboard_address],
         capture_output=True, text=True, timeout=60,
     )
     assert status.returncode == 0, status.stderr
     assert "status: RUNNING" in status.stdout
     assert "Model-smollm2-135m-instruct" in status.stdout
+
+
+def test_dashboard_api_lists_the_application_running(dashboard_address):
+    body = httpx.get(f"{dashboard_address}/api/serve/applications/", timeout=30).json()
+    application = body["applications"]["textgen"]
+    assert application["status"] == "RUNNING"
+    deployments = application["deployments"]
+    assert deployments["Ingress"]["status"] == "HEALTHY"
+    assert deployments["Model-smollm2-135m-instruct"]["status"] == "HEALTHY"
