@@ -103,7 +103,7 @@ class ModelServer:
             # Also reached when Serve cancels this call (client gone, caller gave up):
             # the engine then stops spending compute on the request.
             prepared.cancelled.set()
-            self._log_request(prepared, result.completion_tokens if result else None)
+            self._log_request(prepared, result.completion_tokens if result else None, finished=result is not None)
 
     async def generate_stream(
         self, params: GenerationParams
@@ -115,17 +115,25 @@ class ModelServer:
         """
         prepared = self._engine.prepare(params)
         completion_tokens: dict[int, int] = {}
+        finished = 0
         try:
             yield StreamStart(model=self._config.name, prompt_tokens=len(prepared.prompt_token_ids))
             async for deltas in self._request_deltas(prepared):
                 completion_tokens.update((d.index, d.completion_tokens) for d in deltas)
+                finished += sum(d.finish_reason is not None for d in deltas)
                 yield deltas
         finally:
             prepared.cancelled.set()
-            self._log_request(prepared, sum(completion_tokens.values()))
+            self._log_request(
+                prepared,
+                sum(completion_tokens.values()),
+                finished=finished == prepared.num_return_sequences,
+            )
 
-    def _log_request(self, prepared: PreparedRequest, completion_tokens: int | None) -> None:
-        """One line per request on the model side, under the ingress's request id."""
+    def _log_request(self, prepared: PreparedRequest, completion_tokens: int | None, finished: bool) -> None:
+        """One line per request on the model side, under the ingress's request id.
+        ``completion_tokens`` counts what was delivered (unknown when a non-streaming
+        call was cancelled); ``cancelled=True`` means its caller left before the end."""
         timings = prepared.timings
 
         def since_received(moment: float | None) -> str:
@@ -140,7 +148,7 @@ class ModelServer:
             since_received(timings.batch_started_at),
             since_received(timings.first_token_at),
             (time.monotonic() - timings.received_at) * 1000,
-            completion_tokens is None,
+            not finished,
         )
 
     async def _request_deltas(self, prepared: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:

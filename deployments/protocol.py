@@ -12,16 +12,23 @@ from typing import Literal
 FinishReason = Literal["length", "stop", "eos"]
 
 
+# One chat turn: (role, content).
+ChatMessage = tuple[str, str]
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationParams:
     """One generation request as the model deployment sees it.
 
-    Sampling fields are ``None`` when the client did not set them. Precedence of
-    defaults, resolved by the engine: the request's value, else the model's own
-    ``generation_config``, else the service defaults in ``deployments.engine``.
+    The input is ``prompt`` as is, or, when ``messages`` is given, the conversation
+    rendered by the model's own chat template. Sampling fields are ``None`` when the
+    client did not set them. Precedence of defaults, resolved by the engine: the
+    request's value, else the model's own ``generation_config``, else the service
+    defaults in ``deployments.engine``.
     """
 
-    prompt: str
+    prompt: str = ""
+    messages: tuple[ChatMessage, ...] = ()
     request_id: str = ""
     max_new_tokens: int | None = None
     # The seed's HF-style ``max_length`` (prompt + new tokens); never set with max_new_tokens.

@@ -19,7 +19,7 @@ from deployments import metrics
 from deployments.settings import Settings
 from serve_app.args import AuthArgs, RateLimitArgs
 from serve_app.auth import ApiKeyConfigError, ApiKeys, presented_key
-from serve_app.errors import ServiceError, error_response
+from serve_app.errors import ServiceError, error_response, route_path, speaks_openai
 from serve_app.rate_limit import (
     Backend,
     Quota,
@@ -43,12 +43,6 @@ class Client:
 
     identity: str
     quota: Quota
-
-
-def route_path(scope: Scope) -> str:
-    """The request path inside the application (without Serve's route prefix)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def client_address(scope: Scope, trusted_proxies: Sequence[Network]) -> str:
@@ -252,7 +246,9 @@ class AccessMiddleware:
             state["client"] = self.access.identify(scope)
         except UnauthenticatedError as exc:
             state["client"] = self.access.anonymous(scope)
-            response = error_response(exc.status_code, exc.message, None, exc.error_type, exc.headers)
+            response = error_response(
+                exc.status_code, exc.message, None, exc.error_type, exc.headers, speaks_openai(scope)
+            )
             await response(scope, receive, self._with_rate_headers(scope, send))
             return
         await self.app(scope, receive, self._with_rate_headers(scope, send))

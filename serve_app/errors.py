@@ -1,5 +1,11 @@
-"""Typed errors and the one set of handlers that turns every failure into
-`{"error": {"type", "message", "param"}}` with the right status code."""
+"""Typed errors and the one set of handlers that turns every failure into an error body
+with the right status code.
+
+Native routes answer ``{"error": {"type", "message", "param"}}``; the OpenAI-compatible
+routes under /v1 answer OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with
+OpenAI's status codes (an invalid parameter is a 400 there, not a 422), so OpenAI
+clients raise their usual exceptions.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from deployments.protocol import InvalidRequestError
 
@@ -24,6 +31,25 @@ _TYPE_BY_STATUS = {
     503: "service_unavailable",
     504: "timeout_error",
 }
+_OPENAI_CODE_BY_STATUS = {
+    401: "invalid_api_key",
+    404: "not_found",
+    429: "rate_limit_exceeded",
+    500: "internal_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+OPENAI_PREFIX = "/v1/"
+
+
+def route_path(scope: Scope) -> str:
+    """The request path inside the application (without Serve's route prefix)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def speaks_openai(scope: Scope) -> bool:
+    return route_path(scope).startswith(OPENAI_PREFIX)
 
 
 class ServiceError(Exception):
@@ -60,15 +86,19 @@ def error_response(
     param: str | None = None,
     error_type: str | None = None,
     headers: Mapping[str, str] | None = None,
+    openai: bool = False,
 ) -> JSONResponse:
-    """The error body every failure uses."""
-    body = {
-        "error": {
-            "type": error_type or _TYPE_BY_STATUS.get(status_code, "server_error"),
-            "message": message,
-            "param": param,
-        }
-    }
+    """The error body every failure uses (OpenAI's shape when ``openai``)."""
+    error_type = error_type or _TYPE_BY_STATUS.get(status_code, "server_error")
+    if not openai:
+        body = {"error": {"type": error_type, "message": message, "param": param}}
+        return JSONResponse(body, status_code=status_code, headers=dict(headers or {}))
+    if status_code == 422:
+        status_code = 400
+    code = "model_not_found" if status_code == 404 and param == "model" else _OPENAI_CODE_BY_STATUS.get(status_code)
+    if status_code == 400:
+        code = "invalid_value" if param else None
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status_code, headers=dict(headers or {}))
 
 
@@ -78,42 +108,46 @@ def _field_path(location: Sequence) -> str | None:
     return ".".join(parts) or None
 
 
-def validation_error_response(exc: RequestValidationError) -> JSONResponse:
-    """422 naming the first invalid field; every problem is in the message.
+def validation_error_response(exc: RequestValidationError, openai: bool = False) -> JSONResponse:
+    """422 (400 on /v1) naming the first invalid field; every problem is in the message.
 
     A body that is not JSON at all is a 400: no field is at fault.
     """
     errors = exc.errors()
     if any(error.get("type") == "json_invalid" for error in errors):
         detail = errors[0].get("ctx", {}).get("error", "")
-        return error_response(400, f"request body is not valid JSON: {detail}".rstrip(": "))
+        return error_response(400, f"request body is not valid JSON: {detail}".rstrip(": "), openai=openai)
     problems = []
+    params = []
     for error in errors:
-        path = _field_path(error.get("loc", ()))
+        # A rule on several fields names its field on the exception it raised.
+        path = getattr(error.get("ctx", {}).get("error"), "param", None) or _field_path(error.get("loc", ()))
         message = error.get("msg", "invalid value").removeprefix("Value error, ")
         if error.get("type") == "extra_forbidden":
             message = "unknown field"
         problems.append(f"{path}: {message}" if path else message)
-    first_param = _field_path(errors[0].get("loc", ())) if errors else None
-    return error_response(422, "; ".join(problems), param=first_param)
+        params.append(path)
+    return error_response(422, "; ".join(problems), param=params[0] if params else None, openai=openai)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Registers the handlers (unexpected exceptions are masked by RequestContextMiddleware)."""
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error_response(exc)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error_response(exc, speaks_openai(request.scope))
 
     @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, exc.param, exc.error_type, exc.headers)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(
+            exc.status_code, exc.message, exc.param, exc.error_type, exc.headers, speaks_openai(request.scope)
+        )
 
     @app.exception_handler(InvalidRequestError)
-    async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
-        return error_response(422, exc.message, exc.param)
+    async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return error_response(422, exc.message, exc.param, openai=speaks_openai(request.scope))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(exc.status_code, message, headers=exc.headers)
+        return error_response(exc.status_code, message, headers=exc.headers, openai=speaks_openai(request.scope))

@@ -9,30 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 from fastapi import BackgroundTasks, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.protocol import (
-    GenerationParams,
-    GenerationResult,
-    InvalidRequestError,
-    ModelStatus,
-    SequenceDelta,
-    StreamStart,
-)
+from deployments.protocol import ModelStatus, SequenceDelta
 from deployments.settings import get_settings
 from serve_app.access import AccessControl, AccessMiddleware, build_access_control
 from serve_app.args import AuthArgs, RateLimitArgs
 from serve_app.errors import ModelNotFoundError, install_error_handlers
+from serve_app import streaming
+from serve_app.openai_api import add_openai_routes
 from serve_app.request_context import RequestContextMiddleware, new_request_id
-from serve_app.schemas import ErrorResponse, GenerateRequest, GenerateResponse, usage_of
+from serve_app.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Usage
 
 logger = logging.getLogger("ray.serve")
 
@@ -72,6 +66,10 @@ class Ingress:
             await access.limiter.connect()
         return create_api(self, access)
 
+    @property
+    def model_names(self) -> list[str]:
+        return list(self._models)
+
     def model_handle(self, request: Request, name: str | None) -> DeploymentHandle:
         """The handle for ``name`` (the default model when None); notes the model on the
         request for its metrics and log line.
@@ -98,52 +96,6 @@ class Ingress:
 
         statuses = await asyncio.gather(*(status_of(h) for h in self._models.values()))
         return dict(zip(self._models, statuses, strict=True))
-
-
-def _sse(payload: object) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-async def _stream_events(
-    request: Request,
-    stream,
-    start: StreamStart,
-    params: GenerationParams,
-    access: AccessControl,
-) -> AsyncIterator[str]:
-    """SSE events: a delta per step and sequence; the event that ends a sequence adds its
-    finish_reason, and the one that ends the last sequence adds usage; then [DONE]."""
-    response_id = new_request_id()
-    completion_tokens = [0] * params.num_return_sequences
-    unfinished = params.num_return_sequences
-    try:
-        async for deltas in stream:
-            for delta in deltas:
-                delta: SequenceDelta
-                event = {"id": response_id, "model": start.model, "index": delta.index, "text": delta.text}
-                completion_tokens[delta.index] = delta.completion_tokens
-                if delta.finish_reason is not None:
-                    event["finish_reason"] = delta.finish_reason
-                    unfinished -= 1
-                    if unfinished == 0:
-                        event["usage"] = usage_of(start.prompt_tokens, sum(completion_tokens)).model_dump()
-                yield _sse(event)
-    except Exception:  # noqa: BLE001 - the status line is sent; report in-band
-        logger.exception("request_id=%s stream failed", params.request_id)
-        yield _sse(
-            {
-                "error": {
-                    "type": "server_error",
-                    "message": f"generation failed; quote request id {params.request_id}",
-                    "param": None,
-                }
-            }
-        )
-    finally:
-        # Whatever was generated is charged, also when the client went away mid-stream.
-        request.state.usage = usage_of(start.prompt_tokens, sum(completion_tokens))
-        await access.charge_tokens(request, request.state.usage.total_tokens)
-    yield "data: [DONE]\n\n"
 
 
 def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
@@ -195,27 +147,33 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
         params = body.to_generation_params(request.state.request_id)
         started = time.perf_counter()
         if body.stream:
-            stream = await access.admit_around(
-                request, "/generate", lambda: handle.options(stream=True).generate_stream.remote(params)
+            stream, start = await streaming.open_stream(request, access, "/generate", handle, params)
+            response_id = new_request_id()
+
+            def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
+                event = {"id": response_id, "model": start.model, "index": delta.index, "text": delta.text}
+                if delta.finish_reason is not None:
+                    event["finish_reason"] = delta.finish_reason
+                if usage is not None:
+                    event["usage"] = usage.model_dump()
+                return [event]
+
+            return streaming.event_stream_response(
+                streaming.relay(
+                    request, access, stream, start, params.num_return_sequences,
+                    on_delta, on_end=lambda usage: [], on_error=native_error_event,
+                )
             )
-            try:
-                # Peek: a request the model rejects gets a real status code, not a 200 stream.
-                start = await stream.__anext__()
-            except InvalidRequestError:
-                stream.cancel()
-                raise
-            return StreamingResponse(
-                _stream_events(request, stream, start, params, access),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        call = await access.admit_around(request, "/generate", lambda: handle.generate.remote(params))
-        result: GenerationResult = await call
-        request.state.usage = usage_of(result.prompt_tokens, result.completion_tokens)
+        [result] = await streaming.generate(request, access, "/generate", handle, params)
         # Charged once the response is sent: the client does not wait for the store.
         after_response.add_task(access.charge_tokens, request, request.state.usage.total_tokens)
         return GenerateResponse.from_result(
             new_request_id(), result, (time.perf_counter() - started) * 1000
         )
 
+    add_openai_routes(app, ingress, access)
     return app
+
+
+def native_error_event(message: str) -> dict:
+    return {"error": {"type": "server_error", "message": message, "param": None}}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -11,6 +10,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments import metrics
+from serve_app.errors import error_response, speaks_openai
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,7 +65,7 @@ class RequestContextMiddleware:
         except Exception:
             logger.exception("request_id=%s unhandled error", request_id)
             if not response_status:
-                await self._send_internal_error(send_with_request_id, request_id)
+                await self._send_internal_error(scope, receive, send_with_request_id, request_id)
         finally:
             usage = state.get("usage")
             status = response_status[0] if response_status else 500
@@ -91,21 +91,8 @@ class RequestContextMiddleware:
         return None
 
     @staticmethod
-    async def _send_internal_error(send: Send, request_id: str) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "type": "server_error",
-                    "message": f"internal error; quote request id {request_id}",
-                    "param": None,
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 500,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
+    async def _send_internal_error(scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        response = error_response(
+            500, f"internal error; quote request id {request_id}", openai=speaks_openai(scope)
         )
-        await send({"type": "http.response.body", "body": body})
+        await response(scope, receive, send)

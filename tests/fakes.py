@@ -51,7 +51,8 @@ class FakeEngine(Engine):
         return ModelStatus(self.config.name, FAKE_CONTEXT_LENGTH, self.device, "fake")
 
     def prepare(self, params: GenerationParams) -> PreparedRequest:
-        return prepare_request(params, [ord(c) for c in params.prompt], FAKE_CONTEXT_LENGTH)
+        text = "".join(f"{role}: {content}\n" for role, content in params.messages) or params.prompt
+        return prepare_request(params, [ord(c) for c in text], FAKE_CONTEXT_LENGTH)
 
     async def generate(
         self, batch: Sequence[PreparedRequest]

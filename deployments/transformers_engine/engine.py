@@ -23,7 +23,13 @@ from deployments.engine import (
     sequence_seed,
 )
 from deployments.model_source import resolve_model_source
-from deployments.protocol import FinishReason, GenerationParams, ModelStatus, SequenceDelta
+from deployments.protocol import (
+    FinishReason,
+    GenerationParams,
+    InvalidRequestError,
+    ModelStatus,
+    SequenceDelta,
+)
 from deployments.text_output import SequenceText
 from deployments.transformers_engine.loading import (
     load_model_and_tokenizer,
@@ -148,7 +154,21 @@ class TransformersEngine(Engine):
         )
 
     def prepare(self, params: GenerationParams) -> PreparedRequest:
-        token_ids = self._tokenizer(params.prompt, add_special_tokens=True)["input_ids"]
+        if params.messages:
+            if not self._tokenizer.chat_template:
+                raise InvalidRequestError(
+                    f"model {self.config.name} has no chat template; send a plain prompt "
+                    "(/generate or /v1/completions) instead",
+                    param="messages",
+                )
+            token_ids = self._tokenizer.apply_chat_template(
+                [{"role": role, "content": content} for role, content in params.messages],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        else:
+            token_ids = self._tokenizer(params.prompt, add_special_tokens=True)["input_ids"]
         return prepare_request(params, token_ids, self._context_length, self._defaults)
 
     def _decode_tokens(self, token_ids: Sequence[int]) -> str:

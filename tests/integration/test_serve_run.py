@@ -4,6 +4,7 @@ The config is copied with only the HTTP port changed (a free one), and Ray is to
 start a cluster of its own (RAY_ADDRESS=local) rather than join the tests' cluster.
 """
 
+import asyncio
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import yaml
 
@@ -41,7 +43,9 @@ def served(tmp_path_factory):
         process = subprocess.Popen(
             [str(SERVE), "run", str(config_path)],
             cwd=ROOT,
-            env={**os.environ, "RAY_ADDRESS": "local"},
+            # Also shows TEXTGEN_RATE_LIMIT reaching the replicas: these tests send more
+            # than the config's 10 requests a minute.
+            env={**os.environ, "RAY_ADDRESS": "local", "TEXTGEN_RATE_LIMIT": "100/minute"},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -110,3 +114,46 @@ def test_dashboard_api_lists_the_application_running(dashboard_address):
     deployments = application["deployments"]
     assert deployments["Ingress"]["status"] == "HEALTHY"
     assert deployments["Model-smollm2-135m-instruct"]["status"] == "HEALTHY"
+
+
+def test_rate_limit_from_the_environment(served):
+    url, _ = served
+    response = httpx.get(f"{url}/healthz", timeout=30)
+    assert response.headers["X-RateLimit-Limit"] == "100"
+
+
+def test_openai_client_chat_gets_a_sensible_answer(served):
+    url, _ = served
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+        assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+        chat = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=40,
+            temperature=0,
+        )
+        assert "Paris" in chat.choices[0].message.content
+        assert chat.choices[0].finish_reason == "stop"
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="smollm2-135m-instruct", prompt="x", temperature=-1)
+
+
+def test_streamed_emoji_arrive_whole(served):
+    url, _ = served
+    messages = [{"role": "user", "content": "Write three emojis about the sea."}]
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+            whole = await client.chat.completions.create(
+                model="smollm2-135m-instruct", messages=messages, max_tokens=30, temperature=0
+            )
+            stream = await client.chat.completions.create(
+                model="smollm2-135m-instruct", messages=messages, max_tokens=30, temperature=0, stream=True
+            )
+            deltas = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+            return whole.choices[0].message.content, deltas
+
+    whole, deltas = asyncio.run(run())
+    assert any(ord(character) > 0xFFFF for character in whole), f"expected emoji in {whole!r}"
+    assert "".join(deltas) == whole
+    assert not any("\ufffd" in delta for delta in deltas)

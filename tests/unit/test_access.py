@@ -8,7 +8,8 @@ from fastapi.testclient import TestClient
 
 from deployments.config import ModelConfig
 from deployments.settings import Settings
-from serve_app.access import AccessControl, build_access_control, client_address, route_path
+from serve_app.access import AccessControl, build_access_control, client_address
+from serve_app.errors import route_path
 from serve_app.args import AuthArgs, RateLimitArgs
 from serve_app.auth import ApiKeyConfigError, ApiKeys, parse_key_entries, presented_key
 from serve_app.ingress import Ingress, create_api

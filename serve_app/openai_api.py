@@ -1,0 +1,164 @@
+"""The OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+Same validation, quotas, metrics and model calls as /generate; OpenAI's shapes, finish
+reasons, streaming chunks (with `stream_options.include_usage`) and errors.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from fastapi import BackgroundTasks, FastAPI, Request
+
+from deployments.protocol import SequenceDelta
+from serve_app import streaming
+from serve_app.access import AccessControl
+from serve_app.errors import ModelNotFoundError
+from serve_app.openai_schemas import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    openai_finish_reason,
+)
+from serve_app.request_context import new_request_id
+from serve_app.schemas import Usage
+
+if TYPE_CHECKING:
+    from serve_app.ingress import Ingress
+
+COMPLETIONS = "/v1/completions"
+CHAT_COMPLETIONS = "/v1/chat/completions"
+
+
+def openai_error_event(message: str) -> dict:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": "internal_error"}}
+
+
+def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> None:
+    """Registers the /v1 routes on ``app``."""
+    created = int(time.time())
+
+    @app.get("/v1/models", response_model=ModelList, summary="The served models (OpenAI format).")
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, created=created) for name in ingress.model_names])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, summary="One served model.")
+    async def get_model(model: str) -> ModelCard:
+        if model not in ingress.model_names:
+            raise ModelNotFoundError(model, ingress.model_names)
+        return ModelCard(id=model, created=created)
+
+    @app.post(COMPLETIONS, response_model=CompletionResponse, summary="Text completion (OpenAI format).")
+    async def completions(body: CompletionRequest, request: Request, after_response: BackgroundTasks):
+        handle = ingress.model_handle(request, body.model)
+        response_id = f"cmpl-{new_request_id()}"
+        request_id = request.state.request_id
+        if body.stream:
+            prompt = body.prompts[0]
+            params = body.to_generation_params(request_id, prompt)
+            stream, start = await streaming.open_stream(request, access, COMPLETIONS, handle, params)
+
+            def chunk(index: int, text: str, finish_reason: str | None) -> dict:
+                event = {
+                    "id": response_id, "object": "text_completion", "created": int(time.time()),
+                    "model": start.model,
+                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+                }
+                if body.include_usage:
+                    event["usage"] = None
+                return event
+
+            def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
+                reason = openai_finish_reason(delta.finish_reason) if delta.finish_reason else None
+                return [chunk(delta.index, delta.text, reason)]
+
+            return streaming.event_stream_response(
+                streaming.relay(
+                    request, access, stream, start, body.n, on_delta,
+                    on_end=lambda usage: _usage_chunks(body.include_usage, response_id, "text_completion", start.model, usage),
+                    on_error=openai_error_event,
+                    first_events=[chunk(i, prompt, None) for i in range(body.n)] if body.echo else (),
+                )
+            )
+        results = await streaming.generate(
+            request, access, COMPLETIONS, handle,
+            *(body.to_generation_params(request_id, prompt) for prompt in body.prompts),
+        )
+        choices = [
+            CompletionChoice(
+                index=position * body.n + sequence.index,
+                text=(prompt if body.echo else "") + sequence.text,
+                finish_reason=openai_finish_reason(sequence.finish_reason),
+            )
+            for position, (prompt, result) in enumerate(zip(body.prompts, results, strict=True))
+            for sequence in result.sequences
+        ]
+        after_response.add_task(access.charge_tokens, request, request.state.usage.total_tokens)
+        return CompletionResponse(
+            id=response_id, model=results[0].model, choices=choices, usage=request.state.usage
+        )
+
+    @app.post(CHAT_COMPLETIONS, response_model=ChatCompletionResponse, summary="Chat completion (OpenAI format).")
+    async def chat_completions(body: ChatCompletionRequest, request: Request, after_response: BackgroundTasks):
+        handle = ingress.model_handle(request, body.model)
+        response_id = f"chatcmpl-{new_request_id()}"
+        params = body.to_generation_params(request.state.request_id)
+        if body.stream:
+            stream, start = await streaming.open_stream(request, access, CHAT_COMPLETIONS, handle, params)
+
+            def chunk(index: int, delta: dict, finish_reason: str | None) -> dict:
+                event = {
+                    "id": response_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": start.model,
+                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                }
+                if body.include_usage:
+                    event["usage"] = None
+                return event
+
+            def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
+                events = [chunk(delta.index, {"content": delta.text}, None)] if delta.text else []
+                if delta.finish_reason:
+                    events.append(chunk(delta.index, {}, openai_finish_reason(delta.finish_reason)))
+                return events
+
+            return streaming.event_stream_response(
+                streaming.relay(
+                    request, access, stream, start, body.n, on_delta,
+                    on_end=lambda usage: _usage_chunks(body.include_usage, response_id, "chat.completion.chunk", start.model, usage),
+                    on_error=openai_error_event,
+                    first_events=[chunk(i, {"role": "assistant", "content": ""}, None) for i in range(body.n)],
+                )
+            )
+        [result] = await streaming.generate(request, access, CHAT_COMPLETIONS, handle, params)
+        after_response.add_task(access.charge_tokens, request, request.state.usage.total_tokens)
+        return ChatCompletionResponse(
+            id=response_id,
+            model=result.model,
+            choices=[
+                ChatChoice(
+                    index=sequence.index,
+                    message=ChatMessageOut(content=sequence.text),
+                    finish_reason=openai_finish_reason(sequence.finish_reason),
+                )
+                for sequence in result.sequences
+            ],
+            usage=request.state.usage,
+        )
+
+
+def _usage_chunks(include_usage: bool, response_id: str, kind: str, model: str, usage: Usage) -> list[dict]:
+    """OpenAI's last chunk when `stream_options.include_usage`: no choices, the usage."""
+    if not include_usage:
+        return []
+    return [
+        {"id": response_id, "object": kind, "created": int(time.time()), "model": model, "choices": [],
+         "usage": usage.model_dump()}
+    ]

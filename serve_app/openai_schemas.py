@@ -1,0 +1,242 @@
+"""OpenAI-compatible request and response bodies (/v1/completions, /v1/chat/completions,
+/v1/models), with OpenAI's field names and defaults.
+
+Parameters OpenAI clients send with neutral values (penalties of 0, `logprobs` off,
+`best_of` equal to `n`) are accepted; asking for what this service does not do (log
+probabilities, tools, logit bias, non-zero presence/frequency penalties) is a 400 that
+names the parameter, never a silent ignore.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from deployments.protocol import FinishReason, GenerationParams
+from serve_app.schemas import MAX_NEW_TOKENS_LIMIT, MAX_SEED, Usage
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+OpenAIFinishReason = Literal["stop", "length"]
+
+
+def openai_finish_reason(reason: FinishReason) -> OpenAIFinishReason:
+    """OpenAI says `stop` for both a stop sequence and the model's end of text."""
+    return "length" if reason == "length" else "stop"
+
+
+class UnsupportedParameterError(ValueError):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(default=False, description="Send a last chunk with usage.")
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by both endpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="A served model; unset means the default.")
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 means greedy.")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=4, description="Choices to generate.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopString | list[StopString] | None = Field(default=None, description="Up to 4 stop sequences.")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    presence_penalty: float = Field(default=0, ge=-2, le=2, description="Only 0 is supported.")
+    frequency_penalty: float = Field(default=0, ge=-2, le=2, description="Only 0 is supported.")
+    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported.")
+    user: str | None = Field(default=None, description="Accepted and ignored.")
+    # Extensions beside OpenAI's parameters, as vLLM's server offers them.
+    top_k: int | None = Field(default=None, ge=0, description="Extension: keep the k likeliest tokens.")
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10, description="Extension.")
+
+    @model_validator(mode="after")
+    def _only_supported(self) -> "_SamplingRequest":
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise UnsupportedParameterError("stop", "stop takes at most 4 sequences")
+        if self.presence_penalty or self.frequency_penalty:
+            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            raise UnsupportedParameterError(
+                param, f"{param} is not supported (only 0); repetition_penalty is available"
+            )
+        if self.logit_bias:
+            raise UnsupportedParameterError("logit_bias", "logit_bias is not supported")
+        if self.stream_options is not None and not self.stream:
+            raise UnsupportedParameterError("stream_options", "stream_options needs stream: true")
+        return self
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _params(self, request_id: str, max_new_tokens: int | None, **input_fields: Any) -> GenerationParams:
+        return GenerationParams(
+            request_id=request_id,
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            stop=self.stop_sequences,
+            seed=self.seed,
+            num_return_sequences=self.n,
+            **input_fields,
+        )
+
+
+class CompletionRequest(_SamplingRequest):
+    """Body of POST /v1/completions."""
+
+    prompt: str | list[str] = Field(description="A prompt, or up to 4 prompts (choices follow their order).")
+    max_tokens: int | None = Field(
+        default=16, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Most tokens per choice (OpenAI's default, 16)."
+    )
+    echo: bool = Field(default=False, description="Return the prompt before the completion.")
+    logprobs: int | None = Field(default=None, description="Not supported.")
+    best_of: int | None = Field(default=None, description="Only equal to n.")
+    suffix: str | None = Field(default=None, description="Not supported.")
+
+    @model_validator(mode="after")
+    def _completion_only_supported(self) -> "CompletionRequest":
+        prompts = self.prompts
+        if not prompts or len(prompts) > 4 or any(not p for p in prompts):
+            raise UnsupportedParameterError("prompt", "prompt must be 1 to 4 non-empty strings")
+        if self.stream and len(prompts) > 1:
+            raise UnsupportedParameterError("prompt", "a stream takes one prompt")
+        if self.logprobs is not None:
+            raise UnsupportedParameterError("logprobs", "logprobs is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise UnsupportedParameterError("best_of", "best_of is supported only equal to n")
+        if self.suffix:
+            raise UnsupportedParameterError("suffix", "suffix is not supported")
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def to_generation_params(self, request_id: str, prompt: str) -> GenerationParams:
+        """The handle payload for one of the prompts (see GenerationParams for defaults)."""
+        return self._params(request_id, self.max_tokens, prompt=prompt)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """Body of POST /v1/chat/completions; the model's own chat template renders it."""
+
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Older name of max_completion_tokens.")
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    logprobs: bool = Field(default=False, description="Only false is supported.")
+    top_logprobs: int | None = Field(default=None, description="Not supported.")
+    response_format: ResponseFormat | None = Field(default=None, description="Only {type: text}.")
+    tools: list[dict] | None = Field(default=None, description="Not supported.")
+    tool_choice: Any = Field(default=None, description="Only none.")
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _chat_only_supported(self) -> "ChatCompletionRequest":
+        if self.logprobs or self.top_logprobs is not None:
+            raise UnsupportedParameterError("logprobs", "logprobs is not supported")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise UnsupportedParameterError("response_format", "only response_format {type: text} is supported")
+        if self.tools:
+            raise UnsupportedParameterError("tools", "tools are not supported")
+        if self.tool_choice not in (None, "none"):
+            raise UnsupportedParameterError("tool_choice", "tool_choice is not supported")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise UnsupportedParameterError("max_tokens", "give max_completion_tokens or max_tokens, not both")
+        return self
+
+    def to_generation_params(self, request_id: str) -> GenerationParams:
+        """The handle payload; unset max tokens take the model's or service default."""
+        messages = tuple((message.role if message.role != "developer" else "system", message.text) for message in self.messages)
+        return self._params(request_id, self.max_completion_tokens or self.max_tokens, messages=messages)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: OpenAIFinishReason | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: OpenAIFinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ray-textgen"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,152 @@
+"""The OpenAI-compatible routes through the real `openai` client, over the fake engine
+(in-process ASGI, no Ray). The live service is tested the same way in integration."""
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.config import ModelConfig
+from serve_app.access import AccessControl
+from serve_app.args import AuthArgs, RateLimitArgs
+from serve_app.ingress import Ingress, create_api
+from serve_app.rate_limit import Quota
+from tests.fakes import FakeEngine, FakeModelHandle, fake_source, fake_text
+
+
+def make_app():
+    engine = FakeEngine(ModelConfig(name="fake", source=fake_source()), "cpu")
+    ingress = Ingress({"fake": FakeModelHandle(engine)}, RateLimitArgs(enabled=False), AuthArgs())
+    return create_api(ingress, AccessControl(None, Quota()))
+
+
+@pytest.fixture
+def http():
+    with TestClient(make_app(), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
+def client(http):
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+def test_models_list(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["fake"]
+    assert client.models.retrieve("fake").owned_by == "ray-textgen"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_completion_with_openai_names_and_defaults(client):
+    completion = client.completions.create(model="fake", prompt="abc", seed=1)
+    assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
+    assert completion.choices[0].text == fake_text(1, 0, 16), "max_tokens defaults to 16 as at OpenAI"
+    assert completion.choices[0].finish_reason == "length"
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (3, 16)
+
+
+def test_completion_n_stop_echo_and_several_prompts(client):
+    stopped = client.completions.create(model="fake", prompt="a", max_tokens=30, stop="fox")
+    assert stopped.choices[0].text == "The quick brown " and stopped.choices[0].finish_reason == "stop"
+    several = client.completions.create(model="fake", prompt=["ab", "cde"], max_tokens=3, n=2, seed=4, echo=True)
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    assert several.choices[2].text == "cde" + fake_text(4, 0, 3)
+    assert several.usage.prompt_tokens == 5 and several.usage.completion_tokens == 12
+
+
+def test_chat_completion(client):
+    chat = client.chat.completions.create(
+        model="fake", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == fake_text(None, 0, 5)
+    assert chat.usage.prompt_tokens == len("user: hi\n")
+
+
+def test_streaming_completion_with_usage(client):
+    chunks = list(
+        client.completions.create(
+            model="fake", prompt="ab", max_tokens=4, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == fake_text(None, 0, 4)
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+
+
+def test_streaming_chat_sends_role_then_content_then_finish(client):
+    chunks = list(
+        client.chat.completions.create(
+            model="fake", messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == fake_text(None, 0, 3)
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage is None
+
+
+def test_async_client_streams_too(http):
+    async def run():
+        transport = httpx.ASGITransport(app=make_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as async_http:
+            client = openai.AsyncOpenAI(base_url="http://testserver/v1", api_key="x", http_client=async_http)
+            stream = await client.chat.completions.create(
+                model="fake", messages=[{"role": "user", "content": "x"}], max_tokens=4, stream=True
+            )
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    assert asyncio.run(run()) == fake_text(None, 0, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"n": 9}, "n"),
+        ({"best_of": 3}, "best_of"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_invalid_parameters_are_bad_request_errors_naming_the_parameter(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="fake", prompt="a", **kwargs)
+    error = caught.value.body
+    assert caught.value.status_code == 400 and error["param"] == param
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_chat_refuses_tools_and_logprobs(client):
+    for kwargs, param in (
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"logprobs": True}, "logprobs"),
+    ):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}], **kwargs)
+        assert caught.value.body["param"] == param
+
+
+def test_unknown_model_is_not_found_with_openai_code(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="missing", prompt="a")
+    assert caught.value.body["code"] == "model_not_found"
+
+
+def test_context_overflow_is_a_400_on_v1(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="fake", prompt="x" * 600, max_tokens=10)
+    assert "context" in caught.value.body["message"]
+
+
+def test_native_routes_keep_their_own_error_shape(http):
+    error = http.post("/generate", json={"prompt": "a", "temperature": 3}).json()["error"]
+    assert set(error) == {"type", "message", "param"}
+    raw = http.post("/v1/completions", content=b"{", headers={"Content-Type": "application/json"})
+    assert raw.status_code == 400 and set(raw.json()["error"]) == {"type", "message", "param", "code"}
+    assert json.loads(raw.text)["error"]["code"] is None
