@@ -66,14 +66,8 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             stream, start = await streaming.open_stream(request, access, COMPLETIONS, handle, params)
 
             def chunk(index: int, text: str, finish_reason: str | None) -> dict:
-                event = {
-                    "id": response_id, "object": "text_completion", "created": int(time.time()),
-                    "model": start.model,
-                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-                }
-                if body.include_usage:
-                    event["usage"] = None
-                return event
+                choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+                return _chunk(response_id, "text_completion", start.model, choice, body.include_usage)
 
             def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
                 reason = openai_finish_reason(delta.finish_reason) if delta.finish_reason else None
@@ -114,14 +108,8 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             stream, start = await streaming.open_stream(request, access, CHAT_COMPLETIONS, handle, params)
 
             def chunk(index: int, delta: dict, finish_reason: str | None) -> dict:
-                event = {
-                    "id": response_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                    "model": start.model,
-                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-                }
-                if body.include_usage:
-                    event["usage"] = None
-                return event
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                return _chunk(response_id, "chat.completion.chunk", start.model, choice, body.include_usage)
 
             def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
                 events = [chunk(delta.index, {"content": delta.text}, None)] if delta.text else []
@@ -152,6 +140,14 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             ],
             usage=request.state.usage,
         )
+
+
+def _chunk(response_id: str, kind: str, model: str, choice: dict, include_usage: bool) -> dict:
+    """One streamed chunk; with include_usage every chunk carries `usage: null`, as at OpenAI."""
+    event = {"id": response_id, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
+    if include_usage:
+        event["usage"] = None
+    return event
 
 
 def _usage_chunks(include_usage: bool, response_id: str, kind: str, model: str, usage: Usage) -> list[dict]:
