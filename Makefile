@@ -23,12 +23,13 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 SYSTEM_PACKAGES := redis-server prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup serve test system-packages clean
+.PHONY: help setup serve test bench system-packages clean
 
 help:
 	@echo "make serve  - install what is missing, then serve configs/serve.yaml on 127.0.0.1:8000"
 	@echo "make test   - install what is missing (test tools too), then run the tests"
 	@echo "make setup  - install only: .venv, CPU torch, the project, the embedded model"
+	@echo "make bench  - throughput benchmark: the service vs the seed design vs the in-process engine"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,13 @@ system-packages:
 
 test: setup $(VENV)/.installed-test system-packages
 	$(BIN)/python -m pytest
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[bench]"
+	touch $@
+
+bench: setup $(VENV)/.installed-bench
+	$(BIN)/python bench/throughput.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

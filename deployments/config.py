@@ -64,13 +64,19 @@ class ModelConfig(BaseModel):
         default=16,
         ge=1,
         le=256,
-        description="Most sequences one replica decodes together (num_return_sequences count each).",
+        description=(
+            "Most sequences one replica decodes together (num_return_sequences count each); "
+            "further requests wait and join the running batch as rows free up."
+        ),
     )
     batch_wait_timeout_s: float = Field(
         default=0.01,
         ge=0,
         le=5,
-        description="How long a replica waits for more requests before starting a batch.",
+        description=(
+            "When idle, how long a replica waits for more requests so that requests sent "
+            "together are prefilled together (a busy replica admits them at the next step)."
+        ),
     )
     trust_remote_code: bool = Field(
         default=False, description="Allow model code from the model's repository (hub sources)."

@@ -135,7 +135,8 @@ def sequence_seed(seed: int, index: int) -> int:
 
 
 class Engine(abc.ABC):
-    """A text-generation backend, one instance per model replica.
+    """A text-generation backend, one instance per model replica; it batches the
+    requests it is given concurrently.
 
     Args:
         config: the validated model configuration.
@@ -163,17 +164,16 @@ class Engine(abc.ABC):
         """
 
     @abc.abstractmethod
-    def generate(
-        self, batch: Sequence[PreparedRequest]
-    ) -> AsyncIterator[list[list[SequenceDelta]]]:
-        """Decodes a batch; an async generator yielding once per decode step.
+    def generate(self, request: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
+        """Generates one request; an async generator yielding once per decode step.
 
-        Each yield holds, for every request of ``batch`` in order, one delta per
-        sequence that made a token in this step (its text may be empty: a token can
-        complete no character yet, or be held back as the start of a stop string), so
-        the deltas count the tokens generated. Every sequence gets exactly one delta
-        with a ``finish_reason``, its last, unless its request is cancelled: then its
-        sequences stop without one. Blocking work must run off the caller's event loop.
+        The engine batches concurrent calls itself. Each yield holds one delta per
+        sequence of the request that made a token in that step (its text may be empty:
+        a token can complete no character yet, or be held back as the start of a stop
+        string), so the deltas count the tokens generated. Every sequence's last delta
+        has a ``finish_reason``; the generator ends after the last sequence's. When the
+        caller stops iterating, or sets ``request.cancelled``, the engine stops spending
+        compute on the request. Blocking work must run off the caller's event loop.
         """
 
     def check_health(self) -> None:

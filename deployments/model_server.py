@@ -1,4 +1,6 @@
-"""The model deployment: one engine per replica, requests batched with `@serve.batch`.
+"""The model deployment: one engine per replica, which batches concurrent requests at
+every decode step (the engine's scheduler; `@serve.batch` forms a batch once, at
+arrival, and runs it to the end).
 
 A plain class; only the app builder wraps it with `serve.deployment`.
 """
@@ -9,8 +11,6 @@ import importlib
 import logging
 import time
 from collections.abc import AsyncIterator
-
-from ray import serve
 
 from deployments import metrics
 from deployments.config import ModelConfig
@@ -34,10 +34,6 @@ def import_engine_class(path: str) -> type[Engine]:
     if not (isinstance(engine_cls, type) and issubclass(engine_cls, Engine)):
         raise TypeError(f"{path} is not a subclass of deployments.engine.Engine")
     return engine_cls
-
-
-def _sequences_in(batch: list[PreparedRequest]) -> int:
-    return sum(request.num_return_sequences for request in batch)
 
 
 async def collect_result(
@@ -81,8 +77,6 @@ class ModelServer:
         load_seconds = time.perf_counter() - started
         metrics.record_model_load(config.name, load_seconds)
         logger.info("model %s ready in %.1f s", config.name, load_seconds)
-        self._run_batch.set_max_batch_size(config.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     async def status(self) -> ModelStatus:
         """The loaded model; answering at all means the replica is ready."""
@@ -152,51 +146,22 @@ class ModelServer:
         )
 
     async def _request_deltas(self, prepared: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
-        """The request's non-empty steps from its batch, until its last sequence ends."""
-        unfinished = prepared.num_return_sequences
-        async for deltas in self._run_batch(prepared):
+        """The request's steps from the engine, with its metrics; empty-text deltas count
+        as tokens but are not passed on."""
+        model = self._config.name
+        timings = prepared.timings
+        metrics.record_prompt_tokens(model, len(prepared.prompt_token_ids))
+        async for deltas in self._engine.generate(prepared):
+            if timings.first_token_at is None:
+                timings.first_token_at = time.monotonic()
+                metrics.record_time_to_first_token(model, timings.first_token_at - timings.received_at)
+                if timings.batch_started_at is not None:
+                    metrics.record_queue_time(model, timings.batch_started_at - timings.received_at)
+            metrics.record_completion_tokens(model, len(deltas))
             visible = [delta for delta in deltas if delta.text or delta.finish_reason]
-            if not visible:
-                continue
-            yield visible
-            unfinished -= sum(delta.finish_reason is not None for delta in visible)
-            if unfinished == 0:
-                return
+            if visible:
+                yield visible
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy."""
         self._engine.check_health()
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_sequences_in)
-    async def _run_batch(
-        self, batch: list[PreparedRequest]
-    ) -> AsyncIterator[list[list[SequenceDelta] | type[StopIteration]]]:
-        # serve.batch wants one entry per request at every yield; StopIteration ends a
-        # request's own stream as soon as its sequences are done, so a short request
-        # does not wait for the longest one in its batch.
-        model = self._config.name
-        started = time.monotonic()
-        metrics.record_batch_size(model, _sequences_in(batch))
-        for request in batch:
-            request.timings.batch_started_at = started
-            metrics.record_queue_time(model, started - request.timings.received_at)
-            metrics.record_prompt_tokens(model, len(request.prompt_token_ids))
-        unfinished = [request.num_return_sequences for request in batch]
-        async for step in self._engine.generate(batch):
-            now = time.monotonic()
-            out: list[list[SequenceDelta] | type[StopIteration]] = []
-            for position, deltas in enumerate(step):
-                request = batch[position]
-                if unfinished[position] == 0 or request.cancelled.is_set():
-                    out.append(StopIteration)
-                    continue
-                if deltas and request.timings.first_token_at is None:
-                    request.timings.first_token_at = now
-                    metrics.record_time_to_first_token(model, now - request.timings.received_at)
-                unfinished[position] -= sum(d.finish_reason is not None for d in deltas)
-                out.append(deltas)
-            # One delta per token generated in this step (see Engine.generate).
-            generated = sum(len(deltas) for deltas in step)
-            if generated:
-                metrics.record_completion_tokens(model, generated)
-            yield out

@@ -35,7 +35,8 @@ def fake_text(seed: int | None, index: int, length: int) -> str:
 
 
 class FakeEngine(Engine):
-    """Writes `fake_text`, one character per step; honours stop and max tokens."""
+    """Writes `fake_text`, one character per step; honours stop, max tokens and
+    cancellation. Each request runs on its own (no batching)."""
 
     def __init__(self, config: ModelConfig, device: str) -> None:
         super().__init__(config, device)
@@ -54,24 +55,22 @@ class FakeEngine(Engine):
         text = "".join(f"{role}: {content}\n" for role, content in params.messages) or params.prompt
         return prepare_request(params, [ord(c) for c in text], FAKE_CONTEXT_LENGTH)
 
-    async def generate(
-        self, batch: Sequence[PreparedRequest]
-    ) -> AsyncIterator[list[list[SequenceDelta]]]:
+    async def generate(self, request: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
         def decode(ids: Sequence[int]) -> str:
             return "".join(chr(i) for i in ids)
 
         rows = [
-            (position, index, request, SequenceText(decode, request.stop),
-             fake_text(request.seed, index, request.max_new_tokens))
-            for position, request in enumerate(batch)
+            (index, SequenceText(decode, request.stop), fake_text(request.seed, index, request.max_new_tokens))
             for index in range(request.num_return_sequences)
         ]
-        finished: set[tuple[int, int]] = set()
-        for step in range(max(request.max_new_tokens for request in batch)):
+        finished: set[int] = set()
+        for step in range(request.max_new_tokens):
             await asyncio.sleep(0)
-            out: list[list[SequenceDelta]] = [[] for _ in batch]
-            for position, index, request, text, planned in rows:
-                if (position, index) in finished:
+            if request.cancelled.is_set():
+                return
+            out: list[SequenceDelta] = []
+            for index, text, planned in rows:
+                if index in finished:
                     continue
                 emitted = text.append(ord(planned[step]))
                 reason = None
@@ -80,8 +79,8 @@ class FakeEngine(Engine):
                 elif step + 1 == request.max_new_tokens:
                     emitted, reason = emitted + text.finish(), "length"
                 if reason:
-                    finished.add((position, index))
-                out[position].append(SequenceDelta(index, emitted, step + 1, reason))
+                    finished.add(index)
+                out.append(SequenceDelta(index, emitted, step + 1, reason))
             yield out
             if len(finished) == len(rows):
                 return
@@ -139,6 +138,7 @@ class FakeModelHandle:
             yield deltas
 
     async def _deltas(self, prepared: PreparedRequest):
-        async for step in self._engine.generate([prepared]):
-            if step[0]:
-                yield step[0]
+        async for deltas in self._engine.generate(prepared):
+            visible = [delta for delta in deltas if delta.text or delta.finish_reason]
+            if visible:
+                yield visible

@@ -1,18 +1,28 @@
-"""The HuggingFace transformers engine: a batched decode loop with per-row parameters."""
+"""The HuggingFace transformers engine: continuous batching with per-row parameters.
+
+A scheduler thread owns the model. Between two decode steps it admits waiting requests
+(one batched prefill), joins their KV cache to the running batch, and drops finished or
+cancelled rows, so a short request never waits for a long one and a new request never
+waits for a batch to drain (iteration-level batching, as in Orca, vLLM and TGI).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import os
+import queue
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import GenerationConfig
 
+from deployments import metrics
 from deployments.config import EMBEDDED_SOURCE, ModelConfig
 from deployments.engine import (
     SERVICE_DEFAULTS,
@@ -31,6 +41,7 @@ from deployments.protocol import (
     SequenceDelta,
 )
 from deployments.text_output import SequenceText
+from deployments.transformers_engine import kv_cache
 from deployments.transformers_engine.loading import (
     load_model_and_tokenizer,
     prepare_embedded_model,
@@ -41,7 +52,9 @@ from deployments.transformers_engine.sampling import BatchSampler, RowSampling
 logger = logging.getLogger("ray.serve")
 
 _FALLBACK_CONTEXT_LENGTH = 2048
-_END_OF_BATCH = object()
+# Prompt tokens one admission wave may prefill: bounds how long running rows stall for
+# newcomers (the first waiting request is always admitted).
+MAX_PREFILL_TOKENS = 8192
 
 
 def model_sampling_defaults(generation_config: GenerationConfig) -> SamplingDefaults:
@@ -61,14 +74,25 @@ def model_sampling_defaults(generation_config: GenerationConfig) -> SamplingDefa
     return SamplingDefaults(**defaults)
 
 
-class _Sequence:
-    """One returned sequence (a row of the decode batch) and its progress."""
+_DROPPED = object()  # delivered when a cancelled request's rows are dropped
 
-    def __init__(self, request_index: int, index: int, request: PreparedRequest, decode) -> None:
-        self.request_index = request_index
+
+class _Admission:
+    """A request handed to the scheduler, with the way back to its caller."""
+
+    def __init__(self, request: PreparedRequest, deliver: Callable[[object], None]) -> None:
+        self.request = request
+        self.deliver = deliver  # thread-safe; takes a list of deltas, an exception, or _DROPPED
+
+
+class _Sequence:
+    """One returned sequence (a row of the running batch) and its progress."""
+
+    def __init__(self, admission: _Admission, index: int, decode: Callable[[Sequence[int]], str]) -> None:
+        self.admission = admission
         self.index = index
-        self.max_new_tokens = request.max_new_tokens
-        self.text = SequenceText(decode, request.stop)
+        self.max_new_tokens = admission.request.max_new_tokens
+        self.text = SequenceText(decode, admission.request.stop)
         self.generated = 0
         self.finished = False
 
@@ -89,13 +113,58 @@ class _Sequence:
         return SequenceDelta(self.index, text, self.generated, finish_reason)
 
 
-class TransformersEngine(Engine):
-    """Runs a HuggingFace causal LM with a hand-written decode loop.
+@dataclasses.dataclass
+class _Batch:
+    """The rows being decoded, left-padded: every row's history ends at the last column
+    of ``attention_mask`` and of the KV cache."""
 
-    One forward pass per step for the whole batch (KV cache, left padding, explicit
-    position ids); token selection per row by `BatchSampler`; finished rows leave the
-    batch (and the KV cache) at once so they stop costing compute. The loop runs on a
-    dedicated thread, never on the replica's event loop.
+    sequences: list[_Sequence]
+    cache: object  # transformers' DynamicCache
+    attention_mask: torch.Tensor  # [rows, columns]
+    last_position: torch.Tensor  # [rows]
+    logits: torch.Tensor  # [rows, vocab]: scores of each row's next token, not yet sampled
+    sampler: BatchSampler
+
+    def join(self, other: _Batch) -> None:
+        """Appends ``other``'s rows (newly prefilled requests)."""
+        kv_cache.join(self.cache, other.cache)
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+
+        def left_padded(mask: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
+
+        self.attention_mask = torch.cat([left_padded(self.attention_mask), left_padded(other.attention_mask)])
+        self.last_position = torch.cat([self.last_position, other.last_position])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.sampler.join(other.sampler)
+        self.sequences = self.sequences + other.sequences
+
+    def keep(self, rows: list[int]) -> None:
+        """Keeps only ``rows`` (a non-empty subset, in order), then drops the history
+        columns that no remaining row attends to."""
+        if len(rows) == len(self.sequences):
+            return
+        index = torch.tensor(rows, device=self.logits.device)
+        self.cache.batch_select_indices(index)
+        self.attention_mask = self.attention_mask[index]
+        self.last_position = self.last_position[index]
+        self.logits = self.logits[index]
+        self.sampler.keep(index)
+        self.sequences = [self.sequences[row] for row in rows]
+        unused = int(self.attention_mask.any(dim=0).int().argmax())
+        if unused:
+            kv_cache.drop_leading_columns(self.cache, unused)
+            self.attention_mask = self.attention_mask[:, unused:]
+
+
+class TransformersEngine(Engine):
+    """Runs a HuggingFace causal LM with its own continuous-batching decode loop.
+
+    One forward pass per step for every running row (KV cache, left padding, explicit
+    position ids); token selection per row by `BatchSampler`; finished and cancelled rows
+    leave at once. The loop runs on the scheduler thread, never on the replica's event
+    loop. Models whose cache layers cannot be joined (sliding windows) are batched
+    statically: newcomers wait for the running batch to finish.
     """
 
     def __init__(self, config: ModelConfig, device: str) -> None:
@@ -106,7 +175,10 @@ class TransformersEngine(Engine):
         self._eos_token_ids: frozenset[int] = frozenset()
         self._context_length = _FALLBACK_CONTEXT_LENGTH
         self._dtype = resolve_dtype(config.dtype, device)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="textgen-decode")
+        self._arrivals: queue.SimpleQueue[_Admission] = queue.SimpleQueue()
+        self._scheduler: threading.Thread | None = None
+        self._joinable: bool | None = None  # known after the first prefill
+        self._cache_argument = "cache"
 
     def load(self) -> None:
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -120,6 +192,9 @@ class TransformersEngine(Engine):
             location, self.device, self._dtype, self.config.trust_remote_code
         )
         self._model, self._tokenizer = model, tokenizer
+        # transformers renamed `past_key_values` to `cache` (5.2x); accept either, so
+        # an image that ships another 5.x still runs.
+        self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._defaults = model_sampling_defaults(model.generation_config)
         self._eos_token_ids = self._collect_eos_token_ids()
         limits = [
@@ -128,6 +203,8 @@ class TransformersEngine(Engine):
             if limit
         ]
         self._context_length = min(limits, default=_FALLBACK_CONTEXT_LENGTH)
+        self._scheduler = threading.Thread(target=self._schedule_forever, name="textgen-scheduler", daemon=True)
+        self._scheduler.start()
         logger.info(
             "loaded %s on %s (%s), context %d tokens, %d torch threads",
             self.config.source, self.device, self._dtype, self._context_length,
@@ -174,107 +251,194 @@ class TransformersEngine(Engine):
     def _decode_tokens(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    async def generate(
-        self, batch: Sequence[PreparedRequest]
-    ) -> AsyncIterator[list[list[SequenceDelta]]]:
+    async def generate(self, request: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
         loop = asyncio.get_running_loop()
-        steps: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
+        outputs: asyncio.Queue = asyncio.Queue()
 
-        def emit(item) -> None:
-            loop.call_soon_threadsafe(steps.put_nowait, item)
+        def deliver(item: object) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
 
-        def run() -> None:
-            try:
-                self._decode_batch(batch, emit, cancelled)
-            finally:
-                emit(_END_OF_BATCH)
-
-        finished = loop.run_in_executor(self._executor, run)
+        self._arrivals.put(_Admission(request, deliver))
+        unfinished = request.num_return_sequences
         try:
-            while (step := await steps.get()) is not _END_OF_BATCH:
-                yield step
-            await finished  # re-raises what the decode loop raised
+            while unfinished:
+                item = await outputs.get()
+                if item is _DROPPED:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                unfinished -= sum(delta.finish_reason is not None for delta in item)
+                yield item
         finally:
-            cancelled.set()
+            # Whether it finished or its reader left: the scheduler frees its rows.
+            request.cancelled.set()
+
+    def check_health(self) -> None:
+        if self._model is None:
+            raise RuntimeError("model not loaded")
+        if self._scheduler is None or not self._scheduler.is_alive():
+            raise RuntimeError("the scheduler thread has stopped")
+
+    # The scheduler thread.
+
+    def _schedule_forever(self) -> None:
+        waiting: deque[_Admission] = deque()
+        batch: _Batch | None = None
+        while True:
+            if batch is None and not waiting:
+                waiting.append(self._arrivals.get())  # idle: sleep until a request comes
+                self._collect_arrivals(waiting, wait_s=self.config.batch_wait_timeout_s)
+            else:
+                self._collect_arrivals(waiting, wait_s=0)
+            admitted: list[_Admission] = []
+            try:
+                admitted = self._take_admissions(waiting, batch)
+                if admitted:
+                    joining = self._prefill(admitted)
+                    if batch is None:
+                        batch = joining
+                    else:
+                        batch.join(joining)
+                if batch is not None:
+                    batch = self._step(batch)
+            except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving others
+                failed = {id(s.admission): s.admission for s in (batch.sequences if batch else [])}
+                failed.update({id(a): a for a in admitted})
+                logger.exception("decode step failed; failing its %d request(s)", len(failed))
+                for admission in failed.values():
+                    admission.deliver(exc)
+                batch = None
+
+    def _collect_arrivals(self, waiting: deque[_Admission], wait_s: float) -> None:
+        """Moves new arrivals to ``waiting``; waits up to ``wait_s`` for more to come,
+        so that requests sent together are prefilled together."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                waiting.append(self._arrivals.get(timeout=remaining) if remaining > 0 else self._arrivals.get_nowait())
+            except queue.Empty:
+                return
+
+    def _take_admissions(self, waiting: deque[_Admission], batch: _Batch | None) -> list[_Admission]:
+        """The waiting requests that fit now, first come first served."""
+        while waiting and waiting[0].request.cancelled.is_set():
+            waiting.popleft().deliver(_DROPPED)  # its caller left before it started
+        if batch is not None and self._joinable is False:
+            return []  # static batching for caches that cannot be joined
+        free = self.config.max_batch_size - (len(batch.sequences) if batch else 0)
+        admitted: list[_Admission] = []
+        prefill_tokens = 0
+        while waiting:
+            request = waiting[0].request
+            if request.cancelled.is_set():
+                waiting.popleft().deliver(_DROPPED)
+                continue
+            too_many = request.num_return_sequences > free
+            too_long = admitted and prefill_tokens + len(request.prompt_token_ids) > MAX_PREFILL_TOKENS
+            if too_many or too_long:
+                break
+            admitted.append(waiting.popleft())
+            free -= request.num_return_sequences
+            prefill_tokens += len(request.prompt_token_ids)
+        return admitted
 
     @torch.inference_mode()
-    def _decode_batch(
-        self,
-        batch: Sequence[PreparedRequest],
-        emit: Callable[[list[list[SequenceDelta]]], None],
-        cancelled: threading.Event,
-    ) -> None:
-        model, device = self._model, self.device
-        sequences = [
-            _Sequence(request_index, index, request, self._decode_tokens)
-            for request_index, request in enumerate(batch)
-            for index in range(request.num_return_sequences)
-        ]
-        # Prefill each prompt once, then fan its cache and logits out to its sequences.
-        width = max(len(request.prompt_token_ids) for request in batch)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, request in enumerate(batch):
-            prompt = torch.tensor(request.prompt_token_ids, dtype=torch.long)
-            input_ids[row, width - len(prompt) :] = prompt
+    def _prefill(self, admitted: list[_Admission]) -> _Batch:
+        """Runs the prompts of ``admitted`` together; returns them as a batch whose rows
+        (one per returned sequence) hold their first next-token scores."""
+        started = time.monotonic()
+        for admission in admitted:
+            admission.request.timings.batch_started_at = started
+        device = self.device
+        prompts = [admission.request.prompt_token_ids for admission in admitted]
+        width = max(len(prompt) for prompt in prompts)
+        input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             attention_mask[row, width - len(prompt) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        output = model(
+        output = self._model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,
             logits_to_keep=1,
         )
-        cache = output.cache
-        fan_out = torch.tensor([s.request_index for s in sequences], device=device)
-        if len(sequences) != len(batch):
+        cache = output[self._cache_argument]  # the output field has the argument's name
+        if self._joinable is None:
+            self._joinable = kv_cache.can_join(cache)
+        sequences = [
+            _Sequence(admission, index, self._decode_tokens)
+            for admission in admitted
+            for index in range(admission.request.num_return_sequences)
+        ]
+        # Each prompt was run once; its cache and scores fan out to its sequences.
+        owner = {id(admission): row for row, admission in enumerate(admitted)}
+        fan_out = torch.tensor([owner[id(s.admission)] for s in sequences], device=device)
+        if len(sequences) != len(admitted):
             cache.batch_select_indices(fan_out)
-        logits = output.logits[:, -1, :].float()[fan_out]
-        attention_mask = attention_mask[fan_out]
-        last_position = position_ids[fan_out, -1]
-
-        sampler = BatchSampler(
-            [self._row_sampling(batch[s.request_index], s.index) for s in sequences],
-            [batch[s.request_index].prompt_token_ids for s in sequences],
-            vocab_size=logits.shape[-1],
-            device=device,
+        return _Batch(
+            sequences=sequences,
+            cache=cache,
+            attention_mask=attention_mask[fan_out],
+            last_position=position_ids[fan_out, -1],
+            logits=output.logits[:, -1, :].float()[fan_out],
+            sampler=BatchSampler(
+                [self._row_sampling(s.admission.request, s.index) for s in sequences],
+                [s.admission.request.prompt_token_ids for s in sequences],
+                vocab_size=output.logits.shape[-1],
+                device=device,
+            ),
         )
-        while not cancelled.is_set():
-            next_tokens = sampler.sample(logits)
-            sampler.observe(next_tokens)
-            step: list[list[SequenceDelta]] = [[] for _ in batch]
-            still_running = []
-            for row, (sequence, token_id) in enumerate(zip(sequences, next_tokens.tolist(), strict=True)):
-                if batch[sequence.request_index].cancelled.is_set():
-                    continue  # nobody reads it any more: free its row now
-                step[sequence.request_index].append(sequence.advance(token_id, self._eos_token_ids))
-                if not sequence.finished:
-                    still_running.append(row)
-            emit(step)
-            if not still_running:
-                return
-            if len(still_running) < len(sequences):
-                keep = torch.tensor(still_running, device=device)
-                cache.batch_select_indices(keep)
-                sampler.keep(keep)
-                attention_mask, last_position = attention_mask[keep], last_position[keep]
-                next_tokens = next_tokens[keep]
-                sequences = [sequences[row] for row in still_running]
-            attention_mask = torch.cat(
-                [attention_mask, attention_mask.new_ones(len(sequences), 1)], dim=1
-            )
-            last_position = last_position + 1
-            output = model(
-                input_ids=next_tokens[:, None],
-                attention_mask=attention_mask,
-                position_ids=last_position[:, None],
-                cache=cache,
-                use_cache=True,
-            )
-            logits = output.logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """Samples every row's next token, delivers it, drops the rows that ended, and
+        runs the forward pass for the rest. Returns None when no row is left."""
+        live = []
+        dropped: dict[int, _Admission] = {}
+        for row, sequence in enumerate(batch.sequences):
+            if sequence.admission.request.cancelled.is_set():
+                dropped[id(sequence.admission)] = sequence.admission
+            else:
+                live.append(row)
+        for admission in dropped.values():
+            admission.deliver(_DROPPED)
+        if not live:
+            return None
+        batch.keep(live)
+        next_tokens = batch.sampler.sample(batch.logits)
+        batch.sampler.observe(next_tokens)
+        per_request: dict[int, tuple[_Admission, list[SequenceDelta]]] = {}
+        still_running = []
+        for row, (sequence, token_id) in enumerate(zip(batch.sequences, next_tokens.tolist(), strict=True)):
+            delta = sequence.advance(token_id, self._eos_token_ids)
+            per_request.setdefault(id(sequence.admission), (sequence.admission, []))[1].append(delta)
+            if not sequence.finished:
+                still_running.append(row)
+        for admission, deltas in per_request.values():
+            admission.deliver(deltas)
+        if not still_running:
+            return None
+        batch.keep(still_running)
+        next_tokens = next_tokens[torch.tensor(still_running, device=next_tokens.device)]
+        batch.attention_mask = torch.cat(
+            [batch.attention_mask, batch.attention_mask.new_ones(len(still_running), 1)], dim=1
+        )
+        batch.last_position = batch.last_position + 1
+        metrics.record_batch_size(self.config.name, len(still_running))
+        output = self._model(
+            input_ids=next_tokens[:, None],
+            attention_mask=batch.attention_mask,
+            position_ids=batch.last_position[:, None],
+            use_cache=True,
+            **{self._cache_argument: batch.cache},
+        )
+        batch.logits = output.logits[:, -1, :].float()
+        return batch
 
     @staticmethod
     def _row_sampling(request: PreparedRequest, index: int) -> RowSampling:
@@ -286,7 +450,3 @@ class TransformersEngine(Engine):
             repetition_penalty=request.repetition_penalty,
             seed=seed,
         )
-
-    def check_health(self) -> None:
-        if self._model is None:
-            raise RuntimeError("model not loaded")

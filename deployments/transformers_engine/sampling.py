@@ -47,6 +47,7 @@ class BatchSampler:
         device: torch.device | str,
     ) -> None:
         self._device = torch.device(device)
+        self._vocab_size = vocab_size
         self._temperature = torch.tensor([r.temperature for r in rows], device=self._device)
         self._top_p = torch.tensor([r.top_p for r in rows], device=self._device)
         self._top_k = torch.tensor([r.top_k for r in rows], dtype=torch.long, device=self._device)
@@ -118,3 +119,21 @@ class BatchSampler:
         self._generators = [self._generators[i] for i in rows.tolist()]
         if self._seen is not None:
             self._seen = self._seen[rows]
+
+    def __len__(self) -> int:
+        return len(self._generators)
+
+    def join(self, other: "BatchSampler") -> None:
+        """Appends ``other``'s rows after these (continuous batching)."""
+        self._temperature = torch.cat([self._temperature, other._temperature])
+        self._top_p = torch.cat([self._top_p, other._top_p])
+        self._top_k = torch.cat([self._top_k, other._top_k])
+        self._penalty = torch.cat([self._penalty, other._penalty])
+        if self._seen is not None or other._seen is not None:
+            self._seen = torch.cat([self._seen_or_none(), other._seen_or_none()])
+        self._generators = self._generators + other._generators
+
+    def _seen_or_none(self) -> torch.Tensor:
+        if self._seen is not None:
+            return self._seen
+        return torch.zeros(len(self), self._vocab_size, dtype=torch.bool, device=self._device)

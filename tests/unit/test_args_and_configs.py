@@ -20,6 +20,7 @@ from serve_app.args import (
 from serve_app.rate_limit import STRATEGIES
 
 CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("serve*.yaml"))
+LOCAL_CONFIG = Path(__file__).parents[2] / "configs" / "serve.yaml"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -31,8 +32,7 @@ def test_config_files_validate_with_serve_and_our_args(path):
 
 
 def test_local_config_serves_the_embedded_model_on_loopback():
-    config = yaml.safe_load(Path(CONFIGS[0]).read_text())
-    assert Path(CONFIGS[0]).name == "serve.yaml"
+    config = yaml.safe_load(LOCAL_CONFIG.read_text())
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
     args = AppArgs.model_validate(config["applications"][0]["args"])
     model = args.models[0]
@@ -144,7 +144,7 @@ def test_every_strategy_name_has_an_implementation():
 
 
 def test_local_config_limits_ten_a_minute_across_two_ingress_replicas():
-    args = AppArgs.model_validate(yaml.safe_load(CONFIGS[0].read_text())["applications"][0]["args"])
+    args = AppArgs.model_validate(yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]["args"])
     assert args.ingress.num_replicas == 2
     assert args.rate_limits.enabled and args.rate_limits.default.requests == ["10/minute"]
     assert args.rate_limits.storage == "ray" and not args.auth.enabled

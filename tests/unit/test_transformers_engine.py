@@ -19,24 +19,23 @@ def engine(tiny_model_dir):
 
 
 def run(engine, *params: GenerationParams):
-    """Generates one batch; returns per request {index: (text, finish_reason, tokens)}."""
+    """Generates the requests concurrently (the engine batches them); returns per request
+    {index: (text, finish_reason, tokens)}."""
 
-    async def consume():
-        prepared = [engine.prepare(p) for p in params]
-        results = [dict() for _ in prepared]
-        texts = [dict() for _ in prepared]
-        async for step in engine.generate(prepared):
-            for position, deltas in enumerate(step):
-                for delta in deltas:
-                    assert delta.index not in results[position], "delta after the final one"
-                    texts[position][delta.index] = texts[position].get(delta.index, "") + delta.text
-                    if delta.finish_reason:
-                        results[position][delta.index] = (
-                            texts[position][delta.index], delta.finish_reason, delta.completion_tokens
-                        )
+    async def one(prepared):
+        texts, results = {}, {}
+        async for deltas in engine.generate(prepared):
+            for delta in deltas:
+                assert delta.index not in results, "delta after the final one"
+                texts[delta.index] = texts.get(delta.index, "") + delta.text
+                if delta.finish_reason:
+                    results[delta.index] = (texts[delta.index], delta.finish_reason, delta.completion_tokens)
         return results
 
-    return asyncio.run(consume())
+    async def consume():
+        return await asyncio.gather(*(one(engine.prepare(p)) for p in params))
+
+    return list(asyncio.run(consume()))
 
 
 def greedy(prompt="Once upon a time", **fields) -> GenerationParams:
@@ -150,18 +149,53 @@ def test_a_cancelled_request_leaves_the_batch_at_the_next_step(engine):
     async def consume():
         long = engine.prepare(greedy("A long one", max_new_tokens=40))
         short = engine.prepare(greedy("Keep going", max_new_tokens=6))
-        steps_with_long = 0
-        tokens = {}
-        async for step in engine.generate([long, short]):
-            if step[0]:
-                steps_with_long += 1
-                tokens["long"] = step[0][-1].completion_tokens
-                if steps_with_long == 3:
-                    long.cancelled.set()
-            for delta in step[1]:
-                tokens["short"] = (delta.completion_tokens, delta.finish_reason)
-        return steps_with_long, tokens
+        seen = {"long": 0}
 
-    steps_with_long, tokens = asyncio.run(consume())
-    assert steps_with_long == 3 and tokens["long"] == 3, "no output after the cancel"
-    assert tokens["short"] == (6, "length"), "its neighbour finishes normally"
+        async def read_long():
+            async for deltas in engine.generate(long):
+                seen["long"] = deltas[-1].completion_tokens
+                if seen["long"] == 3:
+                    long.cancelled.set()
+            return seen["long"]
+
+        async def read_short():
+            last = None
+            async for deltas in engine.generate(short):
+                last = deltas[-1]
+            return last.completion_tokens, last.finish_reason
+
+        long_tokens, short_end = await asyncio.gather(read_long(), read_short())
+        return long_tokens, short_end
+
+    long_tokens, short_end = asyncio.run(consume())
+    assert long_tokens == 3, "no output after the cancel"
+    assert short_end == (6, "length"), "its neighbour finishes normally"
+
+
+def test_requests_join_a_running_batch_and_leave_it_early(engine):
+    """A request sent while another is decoding joins it between steps (continuous
+    batching) and gets exactly the text it gets alone; a short one finishes first."""
+
+    async def scenario():
+        order = []
+
+        async def collect(params, delay_s=0.0):
+            await asyncio.sleep(delay_s)
+            texts = {}
+            async for deltas in engine.generate(engine.prepare(params)):
+                for delta in deltas:
+                    texts[delta.index] = texts.get(delta.index, "") + delta.text
+            order.append(params.prompt)
+            return texts
+
+        long = greedy("The long one", max_new_tokens=200)
+        late = GenerationParams(prompt="Late", max_new_tokens=5, temperature=1.0, seed=9)
+        results = await asyncio.gather(collect(long), collect(late, delay_s=0.05))
+        return results, order
+
+    (long_text, late_text), order = asyncio.run(scenario())
+    assert order == ["Late", "The long one"], "the late short request finished first"
+    [alone_long] = run(engine, greedy("The long one", max_new_tokens=200))
+    [alone_late] = run(engine, GenerationParams(prompt="Late", max_new_tokens=5, temperature=1.0, seed=9))
+    assert long_text[0] == alone_long[0][0]
+    assert late_text[0] == alone_late[0][0]
