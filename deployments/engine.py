@@ -167,13 +167,15 @@ class Engine(abc.ABC):
     def generate(self, request: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
         """Generates one request; an async generator yielding once per decode step.
 
-        The engine batches concurrent calls itself. Each yield holds one delta per
-        sequence of the request that made a token in that step (its text may be empty:
-        a token can complete no character yet, or be held back as the start of a stop
-        string), so the deltas count the tokens generated. Every sequence's last delta
-        has a ``finish_reason``; the generator ends after the last sequence's. When the
-        caller stops iterating, or sets ``request.cancelled``, the engine stops spending
-        compute on the request. Blocking work must run off the caller's event loop.
+        The engine batches concurrent calls itself. Each yield holds at most one delta
+        per sequence of the request: what it generated since the previous yield (one
+        step, or several merged when the caller was slower than the engine). Its text
+        may be empty (a token can complete no character yet, or be held back as the
+        start of a stop string); ``completion_tokens`` counts the sequence's tokens so
+        far. Every sequence's last delta has a ``finish_reason``; the generator ends
+        after the last sequence's. When the caller stops iterating, or sets
+        ``request.cancelled``, the engine stops spending compute on the request.
+        Blocking work must run off the caller's event loop.
         """
 
     def check_health(self) -> None:

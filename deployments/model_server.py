@@ -146,18 +146,23 @@ class ModelServer:
         )
 
     async def _request_deltas(self, prepared: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
-        """The request's steps from the engine, with its metrics; empty-text deltas count
-        as tokens but are not passed on."""
+        """The request's steps from the engine, with its metrics; deltas with no text
+        (and no finish) count their tokens but are not passed on."""
         model = self._config.name
         timings = prepared.timings
         metrics.record_prompt_tokens(model, len(prepared.prompt_token_ids))
+        counted = [0] * prepared.num_return_sequences
         async for deltas in self._engine.generate(prepared):
             if timings.first_token_at is None:
                 timings.first_token_at = time.monotonic()
                 metrics.record_time_to_first_token(model, timings.first_token_at - timings.received_at)
                 if timings.batch_started_at is not None:
                     metrics.record_queue_time(model, timings.batch_started_at - timings.received_at)
-            metrics.record_completion_tokens(model, len(deltas))
+            new_tokens = sum(delta.completion_tokens - counted[delta.index] for delta in deltas)
+            for delta in deltas:
+                counted[delta.index] = delta.completion_tokens
+            if new_tokens:
+                metrics.record_completion_tokens(model, new_tokens)
             visible = [delta for delta in deltas if delta.text or delta.finish_reason]
             if visible:
                 yield visible

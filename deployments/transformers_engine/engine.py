@@ -52,9 +52,12 @@ from deployments.transformers_engine.sampling import BatchSampler, RowSampling
 logger = logging.getLogger("ray.serve")
 
 _FALLBACK_CONTEXT_LENGTH = 2048
-# Prompt tokens one admission wave may prefill: bounds how long running rows stall for
-# newcomers (the first waiting request is always admitted).
+# Prompt tokens one admission wave may prefill (the first waiting request is always
+# admitted).
 MAX_PREFILL_TOKENS = 8192
+# Prompt tokens (rows x columns) prefilled between two decode steps: long prompts are
+# prefilled in chunks, so running rows stall for one chunk at a time, not a whole prompt.
+PREFILL_CHUNK_TOKENS = 256
 
 
 def model_sampling_defaults(generation_config: GenerationConfig) -> SamplingDefaults:
@@ -75,6 +78,17 @@ def model_sampling_defaults(generation_config: GenerationConfig) -> SamplingDefa
 
 
 _DROPPED = object()  # delivered when a cancelled request's rows are dropped
+
+
+def merge_steps(earlier: list[SequenceDelta], later: list[SequenceDelta]) -> list[SequenceDelta]:
+    """One delta per sequence for two consecutive steps: texts joined, the later count
+    and finish reason."""
+    merged = {delta.index: delta for delta in earlier}
+    for delta in later:
+        before = merged.get(delta.index)
+        text = before.text + delta.text if before else delta.text
+        merged[delta.index] = SequenceDelta(delta.index, text, delta.completion_tokens, delta.finish_reason)
+    return list(merged.values())
 
 
 class _Admission:
@@ -157,6 +171,19 @@ class _Batch:
             self.attention_mask = self.attention_mask[:, unused:]
 
 
+@dataclasses.dataclass
+class _Prefill:
+    """Admitted requests whose prompts are being run, a chunk of columns per scheduler
+    iteration, before they join the running batch."""
+
+    admitted: list[_Admission]
+    input_ids: torch.Tensor  # [requests, width], left-padded prompts
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    done: int = 0  # columns already run
+    cache: object = None
+
+
 class TransformersEngine(Engine):
     """Runs a HuggingFace causal LM with its own continuous-batching decode loop.
 
@@ -179,6 +206,7 @@ class TransformersEngine(Engine):
         self._scheduler: threading.Thread | None = None
         self._joinable: bool | None = None  # known after the first prefill
         self._cache_argument = "cache"
+        self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
 
     def load(self) -> None:
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -260,9 +288,18 @@ class TransformersEngine(Engine):
 
         self._arrivals.put(_Admission(request, deliver))
         unfinished = request.num_return_sequences
+        ready: deque = deque()
         try:
             while unfinished:
-                item = await outputs.get()
+                if not ready:
+                    ready.append(await outputs.get())
+                while not outputs.empty():
+                    ready.append(outputs.get_nowait())
+                item = ready.popleft()
+                # Steps that piled up while the caller was busy go out as one: under load
+                # that saves a message per token through every process of the stream.
+                while isinstance(item, list) and ready and isinstance(ready[0], list):
+                    item = merge_steps(item, ready.popleft())
                 if item is _DROPPED:
                     return
                 if isinstance(item, BaseException):
@@ -284,30 +321,34 @@ class TransformersEngine(Engine):
     def _schedule_forever(self) -> None:
         waiting: deque[_Admission] = deque()
         batch: _Batch | None = None
+        prefill: _Prefill | None = None
         while True:
-            if batch is None and not waiting:
+            if batch is None and prefill is None and not waiting:
                 waiting.append(self._arrivals.get())  # idle: sleep until a request comes
                 self._collect_arrivals(waiting, wait_s=self.config.batch_wait_timeout_s)
             else:
                 self._collect_arrivals(waiting, wait_s=0)
-            admitted: list[_Admission] = []
             try:
-                admitted = self._take_admissions(waiting, batch)
-                if admitted:
-                    joining = self._prefill(admitted)
-                    if batch is None:
-                        batch = joining
-                    else:
-                        batch.join(joining)
+                if prefill is None:
+                    admitted = self._take_admissions(waiting, batch)
+                    prefill = self._start_prefill(admitted) if admitted else None
+                if prefill is not None:
+                    joining = self._prefill_chunk(prefill)
+                    if joining is not None:
+                        prefill = None
+                        if batch is None:
+                            batch = joining
+                        else:
+                            batch.join(joining)
                 if batch is not None:
                     batch = self._step(batch)
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving others
                 failed = {id(s.admission): s.admission for s in (batch.sequences if batch else [])}
-                failed.update({id(a): a for a in admitted})
+                failed.update({id(a): a for a in (prefill.admitted if prefill else [])})
                 logger.exception("decode step failed; failing its %d request(s)", len(failed))
                 for admission in failed.values():
                     admission.deliver(exc)
-                batch = None
+                batch, prefill = None, None
 
     def _collect_arrivals(self, waiting: deque[_Admission], wait_s: float) -> None:
         """Moves new arrivals to ``waiting``; waits up to ``wait_s`` for more to come,
@@ -343,14 +384,10 @@ class TransformersEngine(Engine):
             prefill_tokens += len(request.prompt_token_ids)
         return admitted
 
-    @torch.inference_mode()
-    def _prefill(self, admitted: list[_Admission]) -> _Batch:
-        """Runs the prompts of ``admitted`` together; returns them as a batch whose rows
-        (one per returned sequence) hold their first next-token scores."""
+    def _start_prefill(self, admitted: list[_Admission]) -> _Prefill:
         started = time.monotonic()
         for admission in admitted:
             admission.request.timings.batch_started_at = started
-        device = self.device
         prompts = [admission.request.prompt_token_ids for admission in admitted]
         width = max(len(prompt) for prompt in prompts)
         input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -358,16 +395,31 @@ class TransformersEngine(Engine):
         for row, prompt in enumerate(prompts):
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             attention_mask[row, width - len(prompt) :] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return _Prefill(admitted, input_ids, attention_mask, position_ids)
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, prefill: _Prefill) -> _Batch | None:
+        """Runs the next chunk of the prompts; once the last column has run, returns the
+        requests as a batch whose rows (one per returned sequence) hold their first
+        next-token scores."""
+        rows, width = prefill.input_ids.shape
+        columns = min(width - prefill.done, max(1, self.prefill_chunk_tokens // rows))
+        end = prefill.done + columns
         output = self._model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
+            input_ids=prefill.input_ids[:, prefill.done : end],
+            attention_mask=prefill.attention_mask[:, :end],
+            position_ids=prefill.position_ids[:, prefill.done : end],
             use_cache=True,
             logits_to_keep=1,
+            **({self._cache_argument: prefill.cache} if prefill.cache is not None else {}),
         )
-        cache = output[self._cache_argument]  # the output field has the argument's name
+        prefill.cache = output[self._cache_argument]  # the output field has the argument's name
+        prefill.done = end
+        if end < width:
+            return None
+        cache, admitted, device = prefill.cache, prefill.admitted, self.device
         if self._joinable is None:
             self._joinable = kv_cache.can_join(cache)
         sequences = [
@@ -383,8 +435,8 @@ class TransformersEngine(Engine):
         return _Batch(
             sequences=sequences,
             cache=cache,
-            attention_mask=attention_mask[fan_out],
-            last_position=position_ids[fan_out, -1],
+            attention_mask=prefill.attention_mask[fan_out],
+            last_position=prefill.position_ids[fan_out, -1],
             logits=output.logits[:, -1, :].float()[fan_out],
             sampler=BatchSampler(
                 [self._row_sampling(s.admission.request, s.index) for s in sequences],

@@ -199,3 +199,25 @@ def test_requests_join_a_running_batch_and_leave_it_early(engine):
     [alone_late] = run(engine, GenerationParams(prompt="Late", max_new_tokens=5, temperature=1.0, seed=9))
     assert long_text[0] == alone_long[0][0]
     assert late_text[0] == alone_late[0][0]
+
+
+def test_chunked_prefill_gives_the_same_text(tiny_model_dir):
+    """Long prompts are prefilled a chunk at a time between decode steps; the result
+    must not depend on the chunking (rows of different lengths share each chunk)."""
+    prompts = ["word " * 40, "A much shorter prompt", "x"]
+    requests = [greedy(prompt, max_new_tokens=10) for prompt in prompts]
+    whole = TransformersEngine(ModelConfig(source=str(tiny_model_dir)), "cpu")
+    whole.load()
+    chunked = TransformersEngine(ModelConfig(source=str(tiny_model_dir)), "cpu")
+    chunked.load()
+    chunked.prefill_chunk_tokens = 6  # 3 prompts: 2 columns per chunk
+    assert run(chunked, *requests) == run(whole, *requests)
+
+
+def test_steps_a_slow_reader_missed_arrive_merged():
+    from deployments.protocol import SequenceDelta
+    from deployments.transformers_engine.engine import merge_steps
+
+    earlier = [SequenceDelta(0, "Hel", 2), SequenceDelta(1, "a", 2)]
+    later = [SequenceDelta(0, "lo", 3, "length"), SequenceDelta(1, "", 3)]
+    assert merge_steps(earlier, later) == [SequenceDelta(0, "Hello", 3, "length"), SequenceDelta(1, "a", 3)]
