@@ -171,7 +171,10 @@ class AccessControl:
         try:
             await admission
         except BaseException:
-            call.cancel()
+            try:
+                call.cancel()
+            except Exception:  # noqa: BLE001 - a call that already failed has nothing to stop
+                pass
             raise
         return call
 

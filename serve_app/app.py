@@ -18,6 +18,9 @@ from serve_app.ingress import Ingress
 
 logger = logging.getLogger("ray.serve")
 
+INGRESS_HEADROOM = 64
+MODEL_START_ATTEMPTS = 3
+
 
 def resolve_accelerator(requested: Accelerator, cluster_gpus: float) -> Literal["gpu", "cpu"]:
     """`auto` is `gpu` when the cluster has at least one GPU now, else `cpu`."""
@@ -39,8 +42,14 @@ def model_deployment_options(model: ModelArgs, accelerator: Literal["gpu", "cpu"
         "name": model.deployment_name,
         "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": 1 if accelerator == "gpu" else 0},
         "max_ongoing_requests": model.replica_max_ongoing_requests,
+        # Past this many queued at a caller, Serve refuses at once (the ingress answers 503).
+        "max_queued_requests": model.handle_max_queued_requests,
+        "graceful_shutdown_timeout_s": model.graceful_shutdown_timeout_s,
         # Loading weights (and preparing the embedded model on a fresh node) takes a while.
         "health_check_timeout_s": 60,
+        # A model that cannot load (a wrong path, a missing file) fails the deployment
+        # after a few tries with the replica's error in `serve status`, not after 20.
+        "max_constructor_retry_count": MODEL_START_ATTEMPTS,
     }
     if model.autoscaling is not None:
         options["autoscaling_config"] = model.autoscaling.model_dump(exclude_none=True)
@@ -64,6 +73,9 @@ def build_app(args: AppArgs) -> Application:
         name="Ingress",
         num_replicas=args.ingress.num_replicas,
         ray_actor_options={"num_cpus": args.ingress.num_cpus},
-        max_ongoing_requests=args.ingress.max_ongoing_requests,
+        # Above the ingress's own limit, so that the excess reaches the ingress and gets
+        # its JSON 503 rather than waiting in the proxy's queue.
+        max_ongoing_requests=args.ingress.max_ongoing_requests + INGRESS_HEADROOM,
+        graceful_shutdown_timeout_s=args.ingress.graceful_shutdown_timeout_s,
     )
-    return ingress.bind(models, args.rate_limits, args.auth)
+    return ingress.bind(models, args.rate_limits, args.auth, args.ingress)

@@ -81,9 +81,22 @@ class ModelArgs(ModelConfig):
         default=None,
         ge=1,
         description=(
-            "Requests one replica accepts at once; unset means 2 x max_batch_size so the "
-            "next batch queues while one decodes. A batch can never exceed it."
+            "Requests one replica accepts at once; unset means 2 x max_batch_size, so "
+            "requests wait in the replica to join the batch as rows free up."
         ),
+    )
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Requests each ingress replica queues for this model when every replica is "
+            "full; more get a fast 503 with Retry-After. Unset means max_ongoing_requests."
+        ),
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=60,
+        ge=0,
+        description="On shutdown or scale-down, how long a replica may finish in-flight generations.",
     )
 
     @model_validator(mode="after")
@@ -108,6 +121,10 @@ class ModelArgs(ModelConfig):
         return self.max_ongoing_requests or 2 * self.max_batch_size
 
     @property
+    def handle_max_queued_requests(self) -> int:
+        return self.max_queued_requests or self.replica_max_ongoing_requests
+
+    @property
     def deployment_name(self) -> str:
         """Serve deployment name for this model (names allow fewer characters than models)."""
         return "Model-" + re.sub(r"[^A-Za-z0-9_-]", "-", self.name)
@@ -128,10 +145,41 @@ class IngressArgs(BaseModel):
         default=256,
         ge=1,
         description=(
-            "Requests one ingress replica holds at once; Serve's default of 5 would cap "
-            "the whole service, since each request waits here while the model decodes."
+            "Requests one ingress replica works on at once; more get a fast 503 with "
+            "Retry-After. (Serve's default of 5 would cap the whole service, since each "
+            "request waits here while the model decodes.)"
         ),
     )
+    request_timeout_s: float = Field(
+        default=120,
+        gt=0,
+        description="Deadline of a request without X-Request-Timeout; past it, 504 and the generation stops.",
+    )
+    max_request_timeout_s: float = Field(
+        default=600, gt=0, description="Ceiling on the X-Request-Timeout a client may ask for."
+    )
+    max_request_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest request body; larger gets 413."
+    )
+    max_prompt_chars: int = Field(
+        default=200_000,
+        ge=1,
+        description="Longest prompt (all chat messages together) in characters; longer gets 422.",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=30,
+        ge=0,
+        description="On shutdown or scale-down, how long a replica may finish in-flight requests.",
+    )
+
+    @model_validator(mode="after")
+    def _timeout_within_ceiling(self) -> "IngressArgs":
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError(
+                f"request_timeout_s ({self.request_timeout_s}) exceeds max_request_timeout_s "
+                f"({self.max_request_timeout_s}); lower the one or raise the other"
+            )
+        return self
 
 
 def check_rate_limit(text: str) -> str:

@@ -103,9 +103,18 @@ def error_response(
 
 
 def _field_path(location: Sequence) -> str | None:
-    # FastAPI prefixes body fields with "body"; list positions become ".N".
-    parts = [str(part) for part in location if part != "body"]
+    # FastAPI prefixes body fields with "body"; list positions become ".N"; pydantic
+    # names the branch of a union it tried ("str", "function-after[...]"), which is no
+    # field of the request.
+    parts = [
+        str(part)
+        for part in location
+        if part != "body" and not (isinstance(part, str) and ("[" in part or part in _UNION_BRANCHES))
+    ]
     return ".".join(parts) or None
+
+
+_UNION_BRANCHES = frozenset({"str", "int", "float", "bool", "list[str]", "TextPart"})
 
 
 def validation_error_response(exc: RequestValidationError, openai: bool = False) -> JSONResponse:

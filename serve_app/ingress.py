@@ -20,10 +20,11 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.protocol import ModelStatus, SequenceDelta
 from deployments.settings import get_settings
-from serve_app.access import AccessControl, AccessMiddleware, build_access_control
-from serve_app.args import AuthArgs, RateLimitArgs
-from serve_app.errors import ModelNotFoundError, install_error_handlers
 from serve_app import streaming
+from serve_app.access import AccessControl, AccessMiddleware, build_access_control
+from serve_app.args import AuthArgs, IngressArgs, RateLimitArgs
+from serve_app.errors import ModelNotFoundError, ServiceError, install_error_handlers
+from serve_app.guards import RequestGuardMiddleware, request_deadline_s
 from serve_app.openai_api import add_openai_routes
 from serve_app.request_context import RequestContextMiddleware, new_request_id
 from serve_app.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Usage
@@ -31,8 +32,10 @@ from serve_app.schemas import ErrorResponse, GenerateRequest, GenerateResponse, 
 logger = logging.getLogger("ray.serve")
 
 READINESS_TIMEOUT_S = 2.0
-_ERROR_RESPONSES = {
-    status: {"model": ErrorResponse} for status in (400, 404, 422, 429, 500, 503, 504)
+# Every status a route can answer besides 200, so the OpenAPI schema (and the fuzzing
+# test that checks responses against it) is complete.
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 429, 500, 503, 504)
 }
 
 
@@ -51,11 +54,13 @@ class Ingress:
         models: Mapping[str, DeploymentHandle],
         rate_limits: RateLimitArgs,
         auth: AuthArgs,
+        limits: IngressArgs | None = None,
     ) -> None:
         self._models = dict(models)
         self._default_model = next(iter(self._models))
         self._rate_limits = rate_limits
         self._auth = auth
+        self.limits = limits or IngressArgs()
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         # Built in the replica: the environment (keys, TEXTGEN_RATE_LIMIT) is the replica's,
@@ -69,6 +74,26 @@ class Ingress:
     @property
     def model_names(self) -> list[str]:
         return list(self._models)
+
+    def begin(self, request: Request, model: str | None, prompt_chars: int, prompt_param: str) -> DeploymentHandle:
+        """Starts a generation request: its deadline (X-Request-Timeout or the default),
+        the prompt's length in characters, and the model's handle.
+
+        Raises:
+            ServiceError: 422 for a bad X-Request-Timeout or a prompt over the limit.
+            ModelNotFoundError: no model of that name is served.
+        """
+        timeout_s = request_deadline_s(
+            request.headers, self.limits.request_timeout_s, self.limits.max_request_timeout_s
+        )
+        streaming.start_clock(request, timeout_s)
+        if prompt_chars > self.limits.max_prompt_chars:
+            raise ServiceError(
+                422,
+                f"{prompt_param} has {prompt_chars} characters; the limit is {self.limits.max_prompt_chars}",
+                param=prompt_param,
+            )
+        return self.model_handle(request, model)
 
     def model_handle(self, request: Request, name: str | None) -> DeploymentHandle:
         """The handle for ``name`` (the default model when None); notes the model on the
@@ -105,19 +130,29 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
         summary="Text generation on Ray Serve with HuggingFace transformers.",
         version="0.1.0",
     )
-    # Starlette runs the last-added middleware first: request context wraps access.
+    # Starlette runs the last-added middleware first: request context (id, log line,
+    # metrics) wraps access (key, rate-limit headers), which wraps the guard (load,
+    # body size, content type), so every refusal still carries the id and the headers.
+    app.add_middleware(
+        RequestGuardMiddleware,
+        max_concurrent=ingress.limits.max_ongoing_requests,
+        max_body_bytes=ingress.limits.max_request_bytes,
+    )
     app.add_middleware(AccessMiddleware, access=access)
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
 
-    @app.get("/healthz", summary="Liveness: the ingress answers.")
+    @app.get("/healthz", summary="Liveness: the ingress answers.", responses={500: {"model": ErrorResponse}})
     async def healthz() -> dict:
         return {"status": "ok"}
 
     @app.get(
         "/readyz",
         summary="Readiness: 200 once every model deployment has loaded, else 503.",
-        responses={503: {"description": "A model is still loading."}},
+        responses={
+            503: {"description": "A model is still loading (or broken)."},
+            500: {"model": ErrorResponse},
+        },
     )
     async def readyz() -> JSONResponse:
         statuses = await ingress.model_statuses(READINESS_TIMEOUT_S)
@@ -137,13 +172,13 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
         "/generate",
         response_model=GenerateResponse,
         responses={
-            **_ERROR_RESPONSES,
+            **ERROR_RESPONSES,
             200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true."},
         },
         summary="Generate text from a prompt.",
     )
     async def generate(body: GenerateRequest, request: Request, after_response: BackgroundTasks):
-        handle = ingress.model_handle(request, body.model)
+        handle = ingress.begin(request, body.model, len(body.prompt), "prompt")
         params = body.to_generation_params(request.state.request_id)
         started = time.perf_counter()
         if body.stream:
@@ -175,5 +210,5 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
     return app
 
 
-def native_error_event(message: str) -> dict:
-    return {"error": {"type": "server_error", "message": message, "param": None}}
+def native_error_event(message: str, error_type: str) -> dict:
+    return {"error": {"type": error_type, "message": message, "param": None}}

@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from fastapi import BackgroundTasks, FastAPI, Request
+from pydantic import BaseModel
 
 from deployments.protocol import SequenceDelta
 from serve_app import streaming
@@ -37,27 +38,53 @@ COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
 
 
-def openai_error_event(message: str) -> dict:
-    return {"error": {"message": message, "type": "server_error", "param": None, "code": "internal_error"}}
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
+
+
+# /v1 answers OpenAI's error shape, and never 422 (invalid parameters are 400 there).
+OPENAI_ERRORS = {status: {"model": OpenAIError} for status in (400, 401, 404, 413, 415, 429, 500, 503, 504)}
+OPENAI_ERRORS[422] = {"description": "Not used: invalid parameters are 400 on /v1.", "model": OpenAIError}
+OPENAI_STREAMING_ERRORS = {
+    **OPENAI_ERRORS,
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream is true."},
+}
+
+
+def openai_error_event(message: str, error_type: str) -> dict:
+    code = "timeout" if error_type == "timeout_error" else "internal_error"
+    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
 
 
 def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> None:
     """Registers the /v1 routes on ``app``."""
     created = int(time.time())
 
-    @app.get("/v1/models", response_model=ModelList, summary="The served models (OpenAI format).")
+    @app.get(
+        "/v1/models", response_model=ModelList, responses=OPENAI_ERRORS, summary="The served models (OpenAI format)."
+    )
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=name, created=created) for name in ingress.model_names])
 
-    @app.get("/v1/models/{model:path}", response_model=ModelCard, summary="One served model.")
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=OPENAI_ERRORS, summary="One served model.")
     async def get_model(model: str) -> ModelCard:
         if model not in ingress.model_names:
             raise ModelNotFoundError(model, ingress.model_names)
         return ModelCard(id=model, created=created)
 
-    @app.post(COMPLETIONS, response_model=CompletionResponse, summary="Text completion (OpenAI format).")
+    @app.post(
+        COMPLETIONS, response_model=CompletionResponse, responses=OPENAI_STREAMING_ERRORS,
+        summary="Text completion (OpenAI format).",
+    )
     async def completions(body: CompletionRequest, request: Request, after_response: BackgroundTasks):
-        handle = ingress.model_handle(request, body.model)
+        handle = ingress.begin(request, body.model, sum(len(p) for p in body.prompts), "prompt")
         response_id = f"cmpl-{new_request_id()}"
         request_id = request.state.request_id
         if body.stream:
@@ -99,9 +126,12 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             id=response_id, model=results[0].model, choices=choices, usage=request.state.usage
         )
 
-    @app.post(CHAT_COMPLETIONS, response_model=ChatCompletionResponse, summary="Chat completion (OpenAI format).")
+    @app.post(
+        CHAT_COMPLETIONS, response_model=ChatCompletionResponse, responses=OPENAI_STREAMING_ERRORS,
+        summary="Chat completion (OpenAI format).",
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request, after_response: BackgroundTasks):
-        handle = ingress.model_handle(request, body.model)
+        handle = ingress.begin(request, body.model, sum(len(m.text) for m in body.messages), "messages")
         response_id = f"chatcmpl-{new_request_id()}"
         params = body.to_generation_params(request.state.request_id)
         if body.stream:

@@ -12,12 +12,23 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from deployments.protocol import FinishReason, GenerationParams
 from serve_app.schemas import MAX_NEW_TOKENS_LIMIT, MAX_SEED, Usage
 
-StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+def encodable(text: str) -> str:
+    """Refuses lone surrogates: JSON can escape one ("\\ud800"), the tokenizer cannot take
+    it. (The native /generate body is strict, and strict strings refuse them already.)"""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode ({exc.reason} at position {exc.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
+StopString = Annotated[Text, StringConstraints(min_length=1, max_length=256)]
 OpenAIFinishReason = Literal["stop", "length"]
 
 
@@ -32,8 +43,13 @@ class UnsupportedParameterError(ValueError):
         self.param = param
 
 
+# Every request model is strict, as /generate's is: `"stream": 0` or `"seed": false` is a
+# 422 naming the field, never silently read as another type.
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     include_usage: bool = Field(default=False, description="Send a last chunk with usage.")
 
@@ -41,7 +57,7 @@ class StreamOptions(BaseModel):
 class _SamplingRequest(BaseModel):
     """Fields shared by both endpoints."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     model: str | None = Field(default=None, description="A served model; unset means the default.")
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 means greedy.")
@@ -56,7 +72,7 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported.")
     user: str | None = Field(default=None, description="Accepted and ignored.")
     # Extensions beside OpenAI's parameters, as vLLM's server offers them.
-    top_k: int | None = Field(default=None, ge=0, description="Extension: keep the k likeliest tokens.")
+    top_k: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Extension: keep the k likeliest tokens.")
     repetition_penalty: float | None = Field(default=None, gt=0, le=10, description="Extension.")
 
     @model_validator(mode="after")
@@ -102,7 +118,7 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     """Body of POST /v1/completions."""
 
-    prompt: str | list[str] = Field(description="A prompt, or up to 4 prompts (choices follow their order).")
+    prompt: Text | list[Text] = Field(description="A prompt, or up to 4 prompts (choices follow their order).")
     max_tokens: int | None = Field(
         default=16, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Most tokens per choice (OpenAI's default, 16)."
     )
@@ -136,17 +152,17 @@ class CompletionRequest(_SamplingRequest):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
     name: str | None = None
 
     @property
@@ -155,7 +171,7 @@ class ChatMessageIn(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     type: str
 

@@ -35,11 +35,14 @@ class GenerateRequest(BaseModel):
     max_length: int | None = Field(
         default=None,
         ge=2,
+        le=2**31 - 1,
         description="Deprecated HF-style limit on prompt + new tokens; never with max_new_tokens.",
     )
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 means greedy.")
     top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int | None = Field(default=None, ge=0, description="Keep the k likeliest tokens; 0 = off.")
+    top_k: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="Keep the k likeliest tokens; 0 = off."
+    )
     repetition_penalty: float | None = Field(
         default=None, gt=0, le=10, description="Above 1 discourages repeating seen tokens."
     )

@@ -2,8 +2,8 @@
 
 The first item of a model stream is a `StreamStart`, sent only once the model accepted
 the request; awaiting it before answering gives an invalid request a real status code
-instead of a 200 stream. After that the status line is sent, so a failure is reported
-in-band as a last error event.
+instead of a 200 stream. After that the status line is sent, so a failure (or the
+deadline) is reported in-band as a last error event.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.protocol import GenerationParams, GenerationResult, SequenceDelta, StreamStart
 from serve_app.access import AccessControl
+from serve_app.errors import ServiceError
 from serve_app.schemas import Usage, usage_of
 
 logger = logging.getLogger("ray.serve")
@@ -28,8 +31,21 @@ logger = logging.getLogger("ray.serve")
 DeltaFormatter = Callable[[SequenceDelta, Usage | None], Iterable[dict]]
 # usage -> events to send after the last delta, before [DONE].
 EndFormatter = Callable[[Usage], Iterable[dict]]
-# message -> the error event of this API flavour.
-ErrorFormatter = Callable[[str], dict]
+# (message, error type) -> the error event of this API flavour.
+ErrorFormatter = Callable[[str, str], dict]
+
+
+# A model replica that died or cannot be reached: the request can be retried elsewhere.
+REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError)
+
+
+def cancel_quietly(call) -> None:
+    """Cancels a model call; one that already failed (refused for backpressure, say)
+    re-raises its error from cancel(), and there is nothing left to stop."""
+    try:
+        call.cancel()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 class _Calls(list):
@@ -37,7 +53,33 @@ class _Calls(list):
 
     def cancel(self) -> None:
         for call in self:
-            call.cancel()
+            cancel_quietly(call)
+
+
+def _overloaded(handle: DeploymentHandle) -> ServiceError:
+    return ServiceError(
+        503, f"{handle.deployment_name} is at capacity; retry shortly", headers={"Retry-After": "1"}
+    )
+
+
+def _replica_failed() -> ServiceError:
+    return ServiceError(
+        503, "the model replica failed and a retry failed too; retry shortly", headers={"Retry-After": "2"}
+    )
+
+
+def _timed_out(request: Request) -> ServiceError:
+    return ServiceError(
+        504,
+        f"no answer within {request.state.timeout_s:g} s; ask for fewer tokens or send a longer "
+        "X-Request-Timeout",
+    )
+
+
+def start_clock(request: Request, timeout_s: float) -> None:
+    """Starts the request's deadline (its whole life in the ingress counts)."""
+    request.state.timeout_s = timeout_s
+    request.state.deadline = asyncio.get_running_loop().time() + timeout_s
 
 
 async def generate(
@@ -48,12 +90,37 @@ async def generate(
     *params: GenerationParams,
 ) -> list[GenerationResult]:
     """Admits the request once (see `AccessControl.admit_around`), then generates every
-    ``params`` (one per prompt) to the end; notes the total usage on the request."""
-    calls = await access.admit_around(
-        request, route, lambda: _Calls(handle.generate.remote(one) for one in params)
-    )
+    ``params`` (one per prompt) to the end; notes the total usage on the request.
+
+    Nothing reaches the client before the end, so a model replica that dies meanwhile
+    costs one retry, not an error. Past the deadline the calls are cancelled (the
+    replicas drop them from their batches) and the answer is 504.
+
+    Raises:
+        ServiceError: 503 (model queue full, replica failed twice), 504 (deadline).
+    """
+    calls = _Calls()
     try:
-        results: list[GenerationResult] = await asyncio.gather(*calls)
+        async with asyncio.timeout_at(request.state.deadline):
+            calls = await access.admit_around(
+                request, route, lambda: _Calls(handle.generate.remote(one) for one in params)
+            )
+            try:
+                results: list[GenerationResult] = await asyncio.gather(*calls)
+            except REPLICA_FAILURES:
+                calls.cancel()
+                logger.warning("request_id=%s model replica failed; retrying once", request.state.request_id)
+                calls = _Calls(handle.generate.remote(one) for one in params)
+                results = await asyncio.gather(*calls)
+    except TimeoutError:
+        calls.cancel()
+        raise _timed_out(request) from None
+    except BackPressureError:
+        calls.cancel()
+        raise _overloaded(handle) from None
+    except REPLICA_FAILURES:
+        calls.cancel()
+        raise _replica_failed() from None
     except BaseException:
         calls.cancel()
         raise
@@ -67,19 +134,37 @@ async def open_stream(
     request: Request, access: AccessControl, route: str, handle: DeploymentHandle, params: GenerationParams
 ) -> tuple[Any, StreamStart]:
     """Admits the request and opens its model stream; returns it with its StreamStart.
+    Until that first item nothing was sent, so a failed replica costs one retry.
 
     Raises:
         InvalidRequestError: the model rejected the request (before any byte was sent).
+        ServiceError: 503 or 504, as for `generate`.
     """
-    stream = await access.admit_around(
-        request, route, lambda: handle.options(stream=True).generate_stream.remote(params)
-    )
+
+    def start():
+        return handle.options(stream=True).generate_stream.remote(params)
+
+    stream = None
     try:
-        start = await stream.__anext__()
-    except BaseException:
-        stream.cancel()
+        async with asyncio.timeout_at(request.state.deadline):
+            stream = await access.admit_around(request, route, start)
+            try:
+                return stream, await stream.__anext__()
+            except REPLICA_FAILURES:
+                cancel_quietly(stream)
+                logger.warning("request_id=%s model replica failed; retrying once", request.state.request_id)
+                stream = start()
+                return stream, await stream.__anext__()
+    except BaseException as exc:
+        if stream is not None:
+            cancel_quietly(stream)
+        if isinstance(exc, TimeoutError):
+            raise _timed_out(request) from None
+        if isinstance(exc, BackPressureError):
+            raise _overloaded(handle) from None
+        if isinstance(exc, REPLICA_FAILURES):
+            raise _replica_failed() from None
         raise
-    return stream, start
 
 
 def sse(payload: object) -> str:
@@ -111,21 +196,24 @@ async def relay(
     try:
         for event in first_events:
             yield sse(event)
-        async for deltas in stream:
-            for delta in deltas:
-                completion_tokens[delta.index] = delta.completion_tokens
-                unfinished -= delta.finish_reason is not None
-                usage = usage_of(start.prompt_tokens, sum(completion_tokens)) if unfinished == 0 else None
-                for event in on_delta(delta, usage):
-                    yield sse(event)
+        async with asyncio.timeout_at(request.state.deadline):
+            async for deltas in stream:
+                for delta in deltas:
+                    completion_tokens[delta.index] = delta.completion_tokens
+                    unfinished -= delta.finish_reason is not None
+                    usage = usage_of(start.prompt_tokens, sum(completion_tokens)) if unfinished == 0 else None
+                    for event in on_delta(delta, usage):
+                        yield sse(event)
         for event in on_end(usage_of(start.prompt_tokens, sum(completion_tokens))):
             yield sse(event)
+    except TimeoutError:
+        yield sse(on_error(f"no answer within {request.state.timeout_s:g} s; the generation was stopped", "timeout_error"))
     except Exception:  # noqa: BLE001 - the status line is sent; report in-band
         request_id = request.state.request_id
         logger.exception("request_id=%s stream failed", request_id)
-        yield sse(on_error(f"generation failed; quote request id {request_id}"))
+        yield sse(on_error(f"generation failed; quote request id {request_id}", "server_error"))
     finally:
-        stream.cancel()  # nothing left to stop after a normal end; stops the model if the client left
+        cancel_quietly(stream)  # nothing left to stop after a normal end; stops the model if the client left
         request.state.usage = usage_of(start.prompt_tokens, sum(completion_tokens))
         await access.charge_tokens(request, request.state.usage.total_tokens)
     yield "data: [DONE]\n\n"

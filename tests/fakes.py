@@ -23,9 +23,10 @@ FAKE_TEXT = "The quick brown fox jumps over the lazy dog. "
 FAKE_CONTEXT_LENGTH = 512
 
 
-def fake_source(load_s: float = 0.0) -> str:
-    """A `source` for FakeEngine; it sleeps ``load_s`` seconds in load()."""
-    return f"fake?load_s={load_s}"
+def fake_source(load_s: float = 0.0, step_s: float = 0.0, broken: bool = False) -> str:
+    """A `source` for FakeEngine: it sleeps ``load_s`` seconds in load() and ``step_s``
+    per generated character; ``broken`` makes its health check and status fail."""
+    return f"fake?load_s={load_s}&step_s={step_s}&broken={int(broken)}"
 
 
 def fake_text(seed: int | None, index: int, length: int) -> str:
@@ -42,6 +43,8 @@ class FakeEngine(Engine):
         super().__init__(config, device)
         query = urllib.parse.parse_qs(urllib.parse.urlparse(config.source).query)
         self._load_s = float(query.get("load_s", ["0"])[0])
+        self._step_s = float(query.get("step_s", ["0"])[0])
+        self._broken = query.get("broken", ["0"])[0] == "1"
         self.loaded = False
 
     def load(self) -> None:
@@ -49,7 +52,12 @@ class FakeEngine(Engine):
         self.loaded = True
 
     def status(self) -> ModelStatus:
+        self.check_health()
         return ModelStatus(self.config.name, FAKE_CONTEXT_LENGTH, self.device, "fake")
+
+    def check_health(self) -> None:
+        if self._broken:
+            raise RuntimeError("engine broken (fake)")
 
     def prepare(self, params: GenerationParams) -> PreparedRequest:
         text = "".join(f"{role}: {content}\n" for role, content in params.messages) or params.prompt
@@ -65,7 +73,7 @@ class FakeEngine(Engine):
         ]
         finished: set[int] = set()
         for step in range(request.max_new_tokens):
-            await asyncio.sleep(0)
+            await asyncio.sleep(self._step_s)
             if request.cancelled.is_set():
                 return
             out: list[SequenceDelta] = []
@@ -117,6 +125,7 @@ class FakeModelHandle:
 
     def __init__(self, engine: Engine, stream: bool = False) -> None:
         self._engine, self._stream = engine, stream
+        self.deployment_name = f"Model-{engine.config.name}"
 
     def options(self, stream: bool = False) -> "FakeModelHandle":
         return FakeModelHandle(self._engine, stream)

@@ -58,6 +58,8 @@ MAX_PREFILL_TOKENS = 8192
 # Prompt tokens (rows x columns) prefilled between two decode steps: long prompts are
 # prefilled in chunks, so running rows stall for one chunk at a time, not a whole prompt.
 PREFILL_CHUNK_TOKENS = 256
+# Failed scheduler iterations in a row after which the engine reports itself broken.
+BROKEN_AFTER_FAILURES = 3
 
 
 def model_sampling_defaults(generation_config: GenerationConfig) -> SamplingDefaults:
@@ -207,6 +209,8 @@ class TransformersEngine(Engine):
         self._joinable: bool | None = None  # known after the first prefill
         self._cache_argument = "cache"
         self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
+        self._failures_in_a_row = 0
+        self._broken: str | None = None  # why the engine can no longer serve
 
     def load(self) -> None:
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -251,6 +255,7 @@ class TransformersEngine(Engine):
         return frozenset(ids)
 
     def status(self) -> ModelStatus:
+        self.check_health()  # a broken engine is not ready
         return ModelStatus(
             name=self.config.name,
             context_length=self._context_length,
@@ -315,6 +320,8 @@ class TransformersEngine(Engine):
             raise RuntimeError("model not loaded")
         if self._scheduler is None or not self._scheduler.is_alive():
             raise RuntimeError("the scheduler thread has stopped")
+        if self._broken is not None:
+            raise RuntimeError(f"engine broken: {self._broken}")
 
     # The scheduler thread.
 
@@ -342,6 +349,7 @@ class TransformersEngine(Engine):
                             batch.join(joining)
                 if batch is not None:
                     batch = self._step(batch)
+                self._failures_in_a_row = 0
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving others
                 failed = {id(s.admission): s.admission for s in (batch.sequences if batch else [])}
                 failed.update({id(a): a for a in (prefill.admitted if prefill else [])})
@@ -349,6 +357,12 @@ class TransformersEngine(Engine):
                 for admission in failed.values():
                     admission.deliver(exc)
                 batch, prefill = None, None
+                self._failures_in_a_row += 1
+                if self._failures_in_a_row >= BROKEN_AFTER_FAILURES and self._broken is None:
+                    # One bad batch (a request too large for memory) is survivable; every
+                    # step failing (a CUDA error, a corrupted state) is not.
+                    self._broken = f"{self._failures_in_a_row} decode steps in a row failed, the last with {exc!r}"
+                    logger.error("engine broken: %s; the health check now fails", self._broken)
 
     def _collect_arrivals(self, waiting: deque[_Admission], wait_s: float) -> None:
         """Moves new arrivals to ``waiting``; waits up to ``wait_s`` for more to come,

@@ -69,12 +69,12 @@ class BatchSampler:
         if self._seen is not None:
             penalty = self._penalty[:, None]
             penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-            logits = torch.where(self._seen, penalized, logits)
+            logits = _finite(torch.where(self._seen, penalized, logits))
         next_tokens = logits.argmax(dim=-1)
         sampled_rows = (self._temperature > 0).nonzero().flatten()
         if sampled_rows.numel() == 0:
             return next_tokens
-        scores = logits[sampled_rows] / self._temperature[sampled_rows, None]
+        scores = _finite(logits[sampled_rows] / self._temperature[sampled_rows, None])
         scores = self._apply_top_k(scores, self._top_k[sampled_rows])
         scores = self._apply_top_p(scores, self._top_p[sampled_rows])
         probabilities = scores.softmax(dim=-1)
@@ -137,3 +137,10 @@ class BatchSampler:
         if self._seen is not None:
             return self._seen
         return torch.zeros(len(self), self._vocab_size, dtype=torch.bool, device=self._device)
+
+
+def _finite(scores: torch.Tensor) -> torch.Tensor:
+    """Valid but extreme parameters (a repetition penalty or temperature of 1e-40, which
+    float32 holds as 0 or a denormal) divide logits into inf, and softmax turns inf into
+    NaN; capping at the largest float keeps the intended order: that token wins."""
+    return torch.nan_to_num(scores, nan=float("-inf"), posinf=torch.finfo(scores.dtype).max)

@@ -37,7 +37,7 @@ def test_local_config_serves_the_embedded_model_on_loopback():
     args = AppArgs.model_validate(config["applications"][0]["args"])
     model = args.models[0]
     assert model.source == "embedded" and model.accelerator == "auto"
-    assert model.autoscaling.max_replicas >= 2
+    assert model.autoscaling is not None, "autoscaled: a bigger node only raises max_replicas"
     # Logical CPUs at full scale stay within a 2-core node (over-commit hangs forever).
     at_full_scale = args.ingress.num_replicas * args.ingress.num_cpus + sum(
         m.autoscaling.max_replicas * m.num_cpus for m in args.models
@@ -111,7 +111,8 @@ def test_builder_binds_one_deployment_per_model_behind_the_ingress():
     app = build_app(AppArgs(models=[ModelArgs(name="a"), ModelArgs(name="b/c")]))
     ingress = app._bound_deployment
     assert ingress.name == "Ingress"
-    models, rate_limits, auth = ingress.init_args
+    models, rate_limits, auth, limits = ingress.init_args
+    assert limits.max_ongoing_requests == 256
     assert rate_limits.default.requests == ["10/minute"] and not auth.enabled
     assert list(models) == ["a", "b/c"]
     assert [bound._bound_deployment.name for bound in models.values()] == ["Model-a", "Model-b-c"]

@@ -154,3 +154,82 @@ def test_unexpected_error_is_a_masked_500_with_request_id(client):
     request_id = response.headers["X-Request-ID"]
     assert response.json()["error"]["message"] == f"internal error; quote request id {request_id}"
     assert "secret" not in response.text
+
+
+def test_readiness_is_503_while_an_engine_is_broken():
+    broken = FakeEngine(ModelConfig(name="fake", source=fake_source(broken=True)), "cpu")
+    app = create_api(make_ingress({"fake": FakeModelHandle(broken)}), NO_LIMITS)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503 and response.json()["models"] == {"fake": None}
+
+
+def guarded_client(**limits):
+    from serve_app.args import IngressArgs
+
+    engine = FakeEngine(ModelConfig(name="fake", source=fake_source()), "cpu")
+    ingress = Ingress({"fake": FakeModelHandle(engine)}, RateLimitArgs(enabled=False), AuthArgs(), IngressArgs(**limits))
+    return TestClient(create_api(ingress, NO_LIMITS), raise_server_exceptions=False)
+
+
+def test_body_over_the_limit_is_413_and_non_json_is_415():
+    with guarded_client(max_request_bytes=2048) as client:
+        big = client.post("/generate", json={"prompt": "x" * 5000})
+        assert big.status_code == 413 and "2048 bytes" in big.json()["error"]["message"]
+        chunked = client.post(
+            "/generate", content=iter([b'{"prompt": "', b"x" * 3000, b'"}']), headers={"Content-Type": "application/json"}
+        )
+        assert chunked.status_code == 413, "a body without Content-Length is counted as it arrives"
+        form = client.post("/generate", content=b"prompt=hi", headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert form.status_code == 415 and "application/json" in form.json()["error"]["message"]
+        assert client.post("/v1/completions", content=b"x", headers={"Content-Type": "text/plain"}).json()["error"]["code"] is None
+
+
+def test_prompt_longer_than_the_character_limit_is_422():
+    with guarded_client(max_prompt_chars=100) as client:
+        response = client.post("/generate", json={"prompt": "y" * 101})
+        assert response.status_code == 422 and response.json()["error"]["param"] == "prompt"
+        assert "101 characters; the limit is 100" in response.json()["error"]["message"]
+        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "z" * 101}]})
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+
+
+def test_request_timeout_header_is_checked():
+    with guarded_client(request_timeout_s=30, max_request_timeout_s=60) as client:
+        for value in ("0", "-1", "soon", "61"):
+            response = client.post("/generate", json={"prompt": "a"}, headers={"X-Request-Timeout": value})
+            assert response.status_code == 422, value
+            assert response.json()["error"]["param"] == "X-Request-Timeout"
+        assert client.post("/generate", json={"prompt": "a", "max_new_tokens": 2}, headers={"X-Request-Timeout": "5"}).status_code == 200
+
+
+def test_control_characters_and_unicode_are_served():
+    with guarded_client() as client:
+        response = client.post("/generate", json={"prompt": "nul\x00 bell\x07 ü 日本 🙂", "max_new_tokens": 3})
+        assert response.status_code == 200
+
+
+def test_lone_surrogates_are_a_client_error_everywhere():
+    with guarded_client() as client:
+        raw = '{"prompt": "a\\ud800b"}'
+        for path in ("/generate", "/v1/completions"):
+            response = client.post(path, content=raw.encode(), headers={"Content-Type": "application/json"})
+            assert response.status_code in (400, 422), path
+        chat = '{"messages": [{"role": "user", "content": "\\udfff"}]}'
+        assert client.post("/v1/chat/completions", content=chat.encode(), headers={"Content-Type": "application/json"}).status_code == 400
+
+
+def test_a_slow_generation_past_its_deadline_is_504():
+    slow = FakeEngine(ModelConfig(name="fake", source=fake_source(step_s=0.05)), "cpu")
+    app = create_api(make_ingress({"fake": FakeModelHandle(slow)}), NO_LIMITS)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/generate", json={"prompt": "a", "max_new_tokens": 100}, headers={"X-Request-Timeout": "0.3"})
+        assert response.status_code == 504
+        assert response.json()["error"]["type"] == "timeout_error"
+        with client.stream(
+            "POST", "/generate", json={"prompt": "a", "max_new_tokens": 100, "stream": True},
+            headers={"X-Request-Timeout": "0.3"},
+        ) as stream:
+            events = stream.read().decode().strip().split("\n\n")
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2].removeprefix("data: "))["error"]["type"] == "timeout_error"

@@ -112,6 +112,10 @@ def test_async_client_streams_too(http):
         ({"n": 9}, "n"),
         ({"best_of": 3}, "best_of"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        # Strict types: none of these is quietly read as another type.
+        ({"extra_body": {"stream": 0}}, "stream"),
+        ({"seed": False}, "seed"),
+        ({"max_tokens": "8"}, "max_tokens"),
     ],
 )
 def test_invalid_parameters_are_bad_request_errors_naming_the_parameter(client, kwargs, param):

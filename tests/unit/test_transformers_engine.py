@@ -113,6 +113,17 @@ def hf_greedy_tokens(model_dir, prompt: str, max_new_tokens: int) -> list[int]:
     return output[0, input_ids.shape[1] :].tolist()
 
 
+def test_extreme_valid_penalty_and_temperature_still_generate(engine):
+    # Both are within the contract's bounds; float32 turns them into 0 and denormals.
+    results = run(
+        engine,
+        greedy(max_new_tokens=6, repetition_penalty=5e-324),
+        GenerationParams(prompt="Once", max_new_tokens=6, temperature=1e-40, seed=1),
+        GenerationParams(prompt="Once", max_new_tokens=6, temperature=2.0, repetition_penalty=1e-40, top_p=1e-9),
+    )
+    assert [result[0][1:] for result in results] == [("length", 6)] * 3
+
+
 def test_greedy_matches_transformers_generate(engine, tiny_model_dir):
     reference = hf_greedy_tokens(tiny_model_dir, "Once upon a time", 12)
     [result] = run(engine, greedy(max_new_tokens=12))
@@ -221,3 +232,41 @@ def test_steps_a_slow_reader_missed_arrive_merged():
     earlier = [SequenceDelta(0, "Hel", 2), SequenceDelta(1, "a", 2)]
     later = [SequenceDelta(0, "lo", 3, "length"), SequenceDelta(1, "", 3)]
     assert merge_steps(earlier, later) == [SequenceDelta(0, "Hello", 3, "length"), SequenceDelta(1, "a", 3)]
+
+
+def test_an_engine_whose_steps_keep_failing_reports_itself_broken(tiny_model_dir):
+    engine = TransformersEngine(ModelConfig(source=str(tiny_model_dir)), "cpu")
+    engine.load()
+    engine.check_health()
+
+    def failing_forward(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine._model.forward = failing_forward
+    for attempt in range(3):
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            run(engine, greedy(f"attempt {attempt}", max_new_tokens=4))
+    with pytest.raises(RuntimeError, match="engine broken: 3 decode steps in a row failed"):
+        engine.check_health()
+    with pytest.raises(RuntimeError, match="engine broken"):
+        engine.status()
+
+
+def test_one_failing_batch_does_not_break_the_engine(tiny_model_dir):
+    engine = TransformersEngine(ModelConfig(source=str(tiny_model_dir)), "cpu")
+    engine.load()
+    real_forward = engine._model.forward
+    calls = {"n": 0}
+
+    def fail_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory")
+        return real_forward(*args, **kwargs)
+
+    engine._model.forward = fail_once
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(engine, greedy("first", max_new_tokens=4))
+    [result] = run(engine, greedy("second", max_new_tokens=4))
+    assert result[0][1] == "length"
+    engine.check_health()
