@@ -77,6 +77,7 @@ class Sample:
     ttft_ms: float | None
     completion_tokens: int
     max_new_tokens: int
+    refusals: int = 0  # 503s waited out before the answer (the service was full)
 
 
 def summarize(samples: list[Sample], seconds: float) -> dict:
@@ -85,6 +86,7 @@ def summarize(samples: list[Sample], seconds: float) -> dict:
     short = [s.latency_ms for s in samples if s.max_new_tokens <= SHORT_MAX_NEW_TOKENS]
     row = {
         "requests": len(samples),
+        "refusals": sum(s.refusals for s in samples),
         "tokens_per_s": sum(s.completion_tokens for s in samples) / seconds,
         "requests_per_s": len(samples) / seconds,
         "p50_ms": statistics.median(latencies),
@@ -123,17 +125,38 @@ async def closed_loop(send, mix: list[dict], concurrency: int, warmup_s: float, 
 
 
 def http_sender(client: httpx.AsyncClient, url: str, stream: bool):
+    """Sends one request; a 503 (the service is full) is waited out as its Retry-After
+    asks and sent again, the wait counting in the latency and as a refusal."""
+
     async def send(body: dict) -> Sample:
         started = time.perf_counter()
-        if not stream:
-            response = await client.post(f"{url}/generate", json=body)
-            response.raise_for_status()
-            return Sample(
-                (time.perf_counter() - started) * 1000, None,
-                response.json()["usage"]["completion_tokens"], body["max_new_tokens"],
-            )
+        refusals = 0
+        while True:
+            if stream:
+                sample = await send_streamed(body, started)
+            else:
+                sample = await send_plain(body, started)
+            if isinstance(sample, Sample):
+                sample.refusals = refusals
+                return sample
+            refusals += 1
+            await asyncio.sleep(sample)
+
+    async def send_plain(body: dict, started: float) -> Sample | float:
+        response = await client.post(f"{url}/generate", json=body)
+        if response.status_code == 503:
+            return float(response.headers.get("Retry-After", 1))
+        response.raise_for_status()
+        return Sample(
+            (time.perf_counter() - started) * 1000, None,
+            response.json()["usage"]["completion_tokens"], body["max_new_tokens"],
+        )
+
+    async def send_streamed(body: dict, started: float) -> Sample | float:
         first, tokens = None, 0
         async with client.stream("POST", f"{url}/generate", json={**body, "stream": True}) as response:
+            if response.status_code == 503:
+                return float(response.headers.get("Retry-After", 1))
             response.raise_for_status()
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -287,7 +310,7 @@ def measure_limit(args, mix, engine) -> dict:
 def report(results: dict, args) -> dict:
     ours, seed, limit = results["ours"], results["seed"], results["limit"]
     print(f"\ncompletion tokens/s and latency, {args.seconds:.0f} s per point, mixed requests (same run)")
-    header = f"{'clients':>7} {'system':>6} {'tok/s':>7} {'req/s':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'TTFT p50':>9} {'TTFT p99':>9}"
+    header = f"{'clients':>7} {'system':>6} {'tok/s':>7} {'req/s':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'503s':>5}"
     print(header)
     ratios = {}
     for concurrency in args.concurrency:
@@ -298,6 +321,7 @@ def report(results: dict, args) -> dict:
             print(
                 f"{concurrency:>7} {name:>6} {row['tokens_per_s']:7.1f} {row['requests_per_s']:6.2f}"
                 f" {row['p50_ms']:8.0f} {row['p95_ms']:8.0f} {row['p99_ms']:8.0f} {ttft50} {ttft99}"
+                f" {row['refusals']:5d}"
             )
         ratios[concurrency] = {
             "ours_over_seed": ours[concurrency]["tokens_per_s"] / seed[concurrency]["tokens_per_s"],
