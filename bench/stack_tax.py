@@ -32,7 +32,7 @@ import yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import free_port  # noqa: E402
-from bench.throughput import WORDS  # noqa: E402
+from bench.throughput import WORDS, engine_once, load_engine  # noqa: E402
 
 
 def shapes() -> dict[str, tuple[str, int]]:
@@ -62,25 +62,17 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from deployments.config import ModelConfig
-    from deployments.protocol import GenerationParams
-    from deployments.transformers_engine import TransformersEngine
     from serve_app.app import build_app
     from serve_app.args import AppArgs
 
     config = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
     app_args = AppArgs.model_validate(config["applications"][0]["args"])
     app_args.rate_limits.enabled = False
-    model_args = app_args.models[0]
-    engine = TransformersEngine(ModelConfig(source=model_args.source, max_batch_size=model_args.max_batch_size), "cpu")
-    engine.load()
+    engine = load_engine()
 
     def in_process(prompt: str, tokens: int):
-        async def run():
-            params = GenerationParams(prompt=prompt, max_new_tokens=tokens, temperature=0)
-            async for _ in engine.generate(engine.prepare(params)):
-                pass
-        return lambda: asyncio.run(run())
+        body = {"prompt": prompt, "max_new_tokens": tokens, "temperature": 0}
+        return lambda: asyncio.run(engine_once(engine, body))
 
     times: dict[str, dict[str, float]] = {name: {} for name in shapes()}
     for name, (prompt, tokens) in shapes().items():

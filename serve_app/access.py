@@ -171,19 +171,26 @@ class AccessControl:
         try:
             await admission
         except BaseException:
-            try:
-                call.cancel()
-            except Exception:  # noqa: BLE001 - a call that already failed has nothing to stop
-                pass
+            cancel_quietly(call)
             raise
         return call
 
-    async def charge_tokens(self, request: Request, tokens: int) -> None:
+    def charge_tokens(self, request: Request, tokens: int) -> None:
         """Charges a finished request's tokens to its client's token quota; returns at
-        once (the charge runs as a task of its own, so it survives a cancelled caller)."""
+        once (the charge runs as a task of its own, so it survives a cancelled caller
+        and the client never waits for the store)."""
         client: Client = request.state.client
         if self.limiter is not None:
             self.limiter.charge_tokens(client.identity, client.quota, tokens)
+
+
+def cancel_quietly(call) -> None:
+    """Cancels a model call; one that already failed (refused for backpressure, say)
+    re-raises its error from cancel(), and there is nothing left to stop."""
+    try:
+        call.cancel()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def build_access_control(

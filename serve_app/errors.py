@@ -88,18 +88,24 @@ def error_response(
     headers: Mapping[str, str] | None = None,
     openai: bool = False,
 ) -> JSONResponse:
-    """The error body every failure uses (OpenAI's shape when ``openai``)."""
+    """The error response every failure uses (OpenAI's shape when ``openai``)."""
+    if openai and status_code == 422:
+        status_code = 400  # OpenAI's status for an invalid parameter
+    body = error_body(status_code, message, param, error_type, openai)
+    return JSONResponse(body, status_code=status_code, headers=dict(headers or {}))
+
+
+def error_body(
+    status_code: int, message: str, param: str | None = None, error_type: str | None = None, openai: bool = False
+) -> dict:
+    """The JSON body of an error, also sent as the last event of a failed stream."""
     error_type = error_type or _TYPE_BY_STATUS.get(status_code, "server_error")
     if not openai:
-        body = {"error": {"type": error_type, "message": message, "param": param}}
-        return JSONResponse(body, status_code=status_code, headers=dict(headers or {}))
-    if status_code == 422:
-        status_code = 400
+        return {"error": {"type": error_type, "message": message, "param": param}}
     code = "model_not_found" if status_code == 404 and param == "model" else _OPENAI_CODE_BY_STATUS.get(status_code)
     if status_code == 400:
         code = "invalid_value" if param else None
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status_code, headers=dict(headers or {}))
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 def _field_path(location: Sequence) -> str | None:

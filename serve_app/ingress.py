@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Mapping
 
-from fastapi import BackgroundTasks, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -177,7 +177,7 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
         },
         summary="Generate text from a prompt.",
     )
-    async def generate(body: GenerateRequest, request: Request, after_response: BackgroundTasks):
+    async def generate(body: GenerateRequest, request: Request):
         handle = ingress.begin(request, body.model, len(body.prompt), "prompt")
         params = body.to_generation_params(request.state.request_id)
         started = time.perf_counter()
@@ -196,12 +196,10 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
             return streaming.event_stream_response(
                 streaming.relay(
                     request, access, stream, start, params.num_return_sequences,
-                    on_delta, on_end=lambda usage: [], on_error=native_error_event,
+                    on_delta, on_end=lambda usage: [], openai=False,
                 )
             )
         [result] = await streaming.generate(request, access, "/generate", handle, params)
-        # Charged once the response is sent: the client does not wait for the store.
-        after_response.add_task(access.charge_tokens, request, request.state.usage.total_tokens)
         return GenerateResponse.from_result(
             new_request_id(), result, (time.perf_counter() - started) * 1000
         )
@@ -209,6 +207,3 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
     add_openai_routes(app, ingress, access)
     return app
 
-
-def native_error_event(message: str, error_type: str) -> dict:
-    return {"error": {"type": error_type, "message": message, "param": None}}

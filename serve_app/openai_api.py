@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from fastapi import BackgroundTasks, FastAPI, Request
+from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 from deployments.protocol import SequenceDelta
@@ -58,11 +58,6 @@ OPENAI_STREAMING_ERRORS = {
 }
 
 
-def openai_error_event(message: str, error_type: str) -> dict:
-    code = "timeout" if error_type == "timeout_error" else "internal_error"
-    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
-
-
 def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> None:
     """Registers the /v1 routes on ``app``."""
     created = int(time.time())
@@ -83,7 +78,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
         COMPLETIONS, response_model=CompletionResponse, responses=OPENAI_STREAMING_ERRORS,
         summary="Text completion (OpenAI format).",
     )
-    async def completions(body: CompletionRequest, request: Request, after_response: BackgroundTasks):
+    async def completions(body: CompletionRequest, request: Request):
         handle = ingress.begin(request, body.model, sum(len(p) for p in body.prompts), "prompt")
         response_id = f"cmpl-{new_request_id()}"
         request_id = request.state.request_id
@@ -104,7 +99,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
                 streaming.relay(
                     request, access, stream, start, body.n, on_delta,
                     on_end=lambda usage: _usage_chunks(body.include_usage, response_id, "text_completion", start.model, usage),
-                    on_error=openai_error_event,
+                    openai=True,
                     first_events=[chunk(i, prompt, None) for i in range(body.n)] if body.echo else (),
                 )
             )
@@ -121,7 +116,6 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             for position, (prompt, result) in enumerate(zip(body.prompts, results, strict=True))
             for sequence in result.sequences
         ]
-        after_response.add_task(access.charge_tokens, request, request.state.usage.total_tokens)
         return CompletionResponse(
             id=response_id, model=results[0].model, choices=choices, usage=request.state.usage
         )
@@ -130,7 +124,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
         CHAT_COMPLETIONS, response_model=ChatCompletionResponse, responses=OPENAI_STREAMING_ERRORS,
         summary="Chat completion (OpenAI format).",
     )
-    async def chat_completions(body: ChatCompletionRequest, request: Request, after_response: BackgroundTasks):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         handle = ingress.begin(request, body.model, sum(len(m.text) for m in body.messages), "messages")
         response_id = f"chatcmpl-{new_request_id()}"
         params = body.to_generation_params(request.state.request_id)
@@ -151,12 +145,11 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
                 streaming.relay(
                     request, access, stream, start, body.n, on_delta,
                     on_end=lambda usage: _usage_chunks(body.include_usage, response_id, "chat.completion.chunk", start.model, usage),
-                    on_error=openai_error_event,
+                    openai=True,
                     first_events=[chunk(i, {"role": "assistant", "content": ""}, None) for i in range(body.n)],
                 )
             )
         [result] = await streaming.generate(request, access, CHAT_COMPLETIONS, handle, params)
-        after_response.add_task(access.charge_tokens, request, request.state.usage.total_tokens)
         return ChatCompletionResponse(
             id=response_id,
             model=result.model,

@@ -321,8 +321,10 @@ class RateLimiter:
         return decision
 
     async def peek(self, identity: str, quota: Quota) -> LimitState | None:
-        """The client's standing without counting anything (for the headers)."""
-        if not quota.requests:
+        """The client's standing without counting anything (for the headers). None
+        while the store is failing: admit() already waited for it on this request, and
+        its next call finds out when it is back."""
+        if not quota.requests or self._failing:
             return None
         return await self._call(self._backend.peek(identity, quota, self._strategy))
 

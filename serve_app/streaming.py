@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -21,31 +21,21 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.protocol import GenerationParams, GenerationResult, SequenceDelta, StreamStart
-from serve_app.access import AccessControl
-from serve_app.errors import ServiceError
+from serve_app.access import AccessControl, cancel_quietly
+from serve_app.errors import ServiceError, error_body
 from serve_app.schemas import Usage, usage_of
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 
 # (delta, usage once the last sequence has ended, else None) -> events to send.
 DeltaFormatter = Callable[[SequenceDelta, Usage | None], Iterable[dict]]
 # usage -> events to send after the last delta, before [DONE].
 EndFormatter = Callable[[Usage], Iterable[dict]]
-# (message, error type) -> the error event of this API flavour.
-ErrorFormatter = Callable[[str, str], dict]
 
 
 # A model replica that died or cannot be reached: the request can be retried elsewhere.
 REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError)
-
-
-def cancel_quietly(call) -> None:
-    """Cancels a model call; one that already failed (refused for backpressure, say)
-    re-raises its error from cancel(), and there is nothing left to stop."""
-    try:
-        call.cancel()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 class _Calls(list):
@@ -90,43 +80,24 @@ async def generate(
     *params: GenerationParams,
 ) -> list[GenerationResult]:
     """Admits the request once (see `AccessControl.admit_around`), then generates every
-    ``params`` (one per prompt) to the end; notes the total usage on the request.
+    ``params`` (one per prompt) to the end; notes the total usage on the request and
+    charges it to the client's token quota.
 
     Nothing reaches the client before the end, so a model replica that dies meanwhile
-    costs one retry, not an error. Past the deadline the calls are cancelled (the
-    replicas drop them from their batches) and the answer is 504.
+    costs one retry, not an error (see `_start`).
 
     Raises:
         ServiceError: 503 (model queue full, replica failed twice), 504 (deadline).
     """
-    calls = _Calls()
-    try:
-        async with asyncio.timeout_at(request.state.deadline):
-            calls = await access.admit_around(
-                request, route, lambda: _Calls(handle.generate.remote(one) for one in params)
-            )
-            try:
-                results: list[GenerationResult] = await asyncio.gather(*calls)
-            except REPLICA_FAILURES:
-                calls.cancel()
-                logger.warning("request_id=%s model replica failed; retrying once", request.state.request_id)
-                calls = _Calls(handle.generate.remote(one) for one in params)
-                results = await asyncio.gather(*calls)
-    except TimeoutError:
-        calls.cancel()
-        raise _timed_out(request) from None
-    except BackPressureError:
-        calls.cancel()
-        raise _overloaded(handle) from None
-    except REPLICA_FAILURES:
-        calls.cancel()
-        raise _replica_failed() from None
-    except BaseException:
-        calls.cancel()
-        raise
+    _, results = await _start(
+        request, access, route, handle,
+        lambda: _Calls(handle.generate.remote(one) for one in params),
+        lambda calls: asyncio.gather(*calls),
+    )
     request.state.usage = usage_of(
         sum(result.prompt_tokens for result in results), sum(result.completion_tokens for result in results)
     )
+    access.charge_tokens(request, request.state.usage.total_tokens)
     return results
 
 
@@ -140,24 +111,40 @@ async def open_stream(
         InvalidRequestError: the model rejected the request (before any byte was sent).
         ServiceError: 503 or 504, as for `generate`.
     """
+    return await _start(
+        request, access, route, handle,
+        lambda: handle.options(stream=True).generate_stream.remote(params),
+        lambda stream: stream.__anext__(),
+    )
 
-    def start():
-        return handle.options(stream=True).generate_stream.remote(params)
 
-    stream = None
+async def _start(
+    request: Request,
+    access: AccessControl,
+    route: str,
+    handle: DeploymentHandle,
+    start_call: Callable[[], Any],
+    first_answer: Callable[[Any], Awaitable[T]],
+) -> tuple[Any, T]:
+    """Admits the request, starts the model call and awaits its first answer, all
+    before the request's deadline; returns the call and that answer. Nothing has
+    reached the client yet, so a replica that died is worth one retry elsewhere.
+    Past the deadline, or on any failure, the call is cancelled (the replica drops it
+    from its batch at the next step)."""
+    call = None
     try:
         async with asyncio.timeout_at(request.state.deadline):
-            stream = await access.admit_around(request, route, start)
+            call = await access.admit_around(request, route, start_call)
             try:
-                return stream, await stream.__anext__()
+                return call, await first_answer(call)
             except REPLICA_FAILURES:
-                cancel_quietly(stream)
+                cancel_quietly(call)
                 logger.warning("request_id=%s model replica failed; retrying once", request.state.request_id)
-                stream = start()
-                return stream, await stream.__anext__()
+                call = start_call()
+                return call, await first_answer(call)
     except BaseException as exc:
-        if stream is not None:
-            cancel_quietly(stream)
+        if call is not None:
+            cancel_quietly(call)
         if isinstance(exc, TimeoutError):
             raise _timed_out(request) from None
         if isinstance(exc, BackPressureError):
@@ -183,7 +170,7 @@ async def relay(
     num_sequences: int,
     on_delta: DeltaFormatter,
     on_end: EndFormatter,
-    on_error: ErrorFormatter,
+    openai: bool,
     first_events: Iterable[dict] = (),
 ) -> AsyncIterator[str]:
     """The SSE body of a model stream, ending with ``data: [DONE]``.
@@ -207,13 +194,14 @@ async def relay(
         for event in on_end(usage_of(start.prompt_tokens, sum(completion_tokens))):
             yield sse(event)
     except TimeoutError:
-        yield sse(on_error(f"no answer within {request.state.timeout_s:g} s; the generation was stopped", "timeout_error"))
+        message = f"no answer within {request.state.timeout_s:g} s; the generation was stopped"
+        yield sse(error_body(504, message, openai=openai))
     except Exception:  # noqa: BLE001 - the status line is sent; report in-band
         request_id = request.state.request_id
         logger.exception("request_id=%s stream failed", request_id)
-        yield sse(on_error(f"generation failed; quote request id {request_id}", "server_error"))
+        yield sse(error_body(500, f"generation failed; quote request id {request_id}", openai=openai))
     finally:
         cancel_quietly(stream)  # nothing left to stop after a normal end; stops the model if the client left
         request.state.usage = usage_of(start.prompt_tokens, sum(completion_tokens))
-        await access.charge_tokens(request, request.state.usage.total_tokens)
+        access.charge_tokens(request, request.state.usage.total_tokens)
     yield "data: [DONE]\n\n"
