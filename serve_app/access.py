@@ -20,6 +20,7 @@ from deployments.settings import Settings
 from serve_app.args import AuthArgs, RateLimitArgs
 from serve_app.auth import ApiKeyConfigError, ApiKeys, presented_key
 from serve_app.errors import ServiceError, error_response, route_path, speaks_openai
+from serve_app.request_context import route_label
 from serve_app.rate_limit import (
     Backend,
     Quota,
@@ -119,7 +120,7 @@ class AccessControl:
             raise UnauthenticatedError("the API key is not valid")
         return Client(f"key:{name}", self._key_quotas.get(name, self._default_quota))
 
-    async def admit(self, request: Request, route: str) -> None:
+    async def admit(self, request: Request) -> None:
         """Counts the request against its client's quota.
 
         Raises:
@@ -134,7 +135,7 @@ class AccessControl:
             raise ServiceError(503, "rate limiter unavailable; retry shortly", headers={"Retry-After": "1"}) from None
         request.state.rate_limit = decision.state
         if not decision.allowed:
-            metrics.record_rate_limited(route)
+            metrics.record_rate_limited(route_label(request.scope))
             retry_after = max(1, math.ceil(decision.state.reset_after_s))
             raise ServiceError(
                 429,
@@ -148,13 +149,9 @@ class AccessControl:
         only for a client this replica recently saw far from all its limits, so a
         client at its limit never reaches a model replica."""
         client: Client = request.state.client
-        return (
-            self.limiter is not None
-            and not client.quota.unlimited
-            and self.limiter.has_headroom(client.identity)
-        )
+        return self.limiter is not None and self.limiter.has_headroom(client.identity)
 
-    async def admit_around(self, request: Request, route: str, start_call: Callable[[], T]) -> T:
+    async def admit_around(self, request: Request, start_call: Callable[[], T]) -> T:
         """Admits the request, then starts ``start_call`` (a model call that can be
         cancelled); returns what it returned.
 
@@ -164,9 +161,9 @@ class AccessControl:
         cancelled request at its next step) and the refusal is raised as usual.
         """
         if not self.may_overlap(request):
-            await self.admit(request, route)
+            await self.admit(request)
             return start_call()
-        admission = asyncio.ensure_future(self.admit(request, route))
+        admission = asyncio.ensure_future(self.admit(request))
         call = start_call()
         try:
             await admission

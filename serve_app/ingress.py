@@ -182,7 +182,7 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
         params = body.to_generation_params(request.state.request_id)
         started = time.perf_counter()
         if body.stream:
-            stream, start = await streaming.open_stream(request, access, "/generate", handle, params)
+            stream, start = await streaming.open_stream(request, access, handle, params)
             response_id = new_request_id()
 
             def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
@@ -199,7 +199,7 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
                     on_delta, on_end=lambda usage: [], openai=False,
                 )
             )
-        [result] = await streaming.generate(request, access, "/generate", handle, params)
+        [result] = await streaming.generate(request, access, handle, params)
         return GenerateResponse.from_result(
             new_request_id(), result, (time.perf_counter() - started) * 1000
         )

@@ -85,7 +85,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
         if body.stream:
             prompt = body.prompts[0]
             params = body.to_generation_params(request_id, prompt)
-            stream, start = await streaming.open_stream(request, access, COMPLETIONS, handle, params)
+            stream, start = await streaming.open_stream(request, access, handle, params)
 
             def chunk(index: int, text: str, finish_reason: str | None) -> dict:
                 choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
@@ -104,7 +104,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
                 )
             )
         results = await streaming.generate(
-            request, access, COMPLETIONS, handle,
+            request, access, handle,
             *(body.to_generation_params(request_id, prompt) for prompt in body.prompts),
         )
         choices = [
@@ -129,7 +129,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
         response_id = f"chatcmpl-{new_request_id()}"
         params = body.to_generation_params(request.state.request_id)
         if body.stream:
-            stream, start = await streaming.open_stream(request, access, CHAT_COMPLETIONS, handle, params)
+            stream, start = await streaming.open_stream(request, access, handle, params)
 
             def chunk(index: int, delta: dict, finish_reason: str | None) -> dict:
                 choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -149,7 +149,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
                     first_events=[chunk(i, {"role": "assistant", "content": ""}, None) for i in range(body.n)],
                 )
             )
-        [result] = await streaming.generate(request, access, CHAT_COMPLETIONS, handle, params)
+        [result] = await streaming.generate(request, access, handle, params)
         return ChatCompletionResponse(
             id=response_id,
             model=result.model,

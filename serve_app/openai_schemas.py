@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from deployments.protocol import FinishReason, GenerationParams
-from serve_app.schemas import MAX_NEW_TOKENS_LIMIT, MAX_SEED, Usage
+from serve_app.schemas import MAX_NEW_TOKENS_LIMIT, RepetitionPenalty, Seed, Temperature, TopK, TopP, Usage
 
 def encodable(text: str) -> str:
     """Refuses lone surrogates: JSON can escape one ("\\ud800"), the tokenizer cannot take
@@ -60,20 +60,20 @@ class _SamplingRequest(BaseModel):
     model_config = REQUEST_CONFIG
 
     model: str | None = Field(default=None, description="A served model; unset means the default.")
-    temperature: float | None = Field(default=None, ge=0, le=2, description="0 means greedy.")
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: Temperature | None = Field(default=None, description="0 means greedy.")
+    top_p: TopP | None = None
     n: int = Field(default=1, ge=1, le=4, description="Choices to generate.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | list[StopString] | None = Field(default=None, description="Up to 4 stop sequences.")
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    seed: Seed | None = None
     presence_penalty: float = Field(default=0, ge=-2, le=2, description="Only 0 is supported.")
     frequency_penalty: float = Field(default=0, ge=-2, le=2, description="Only 0 is supported.")
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported.")
     user: str | None = Field(default=None, description="Accepted and ignored.")
     # Extensions beside OpenAI's parameters, as vLLM's server offers them.
-    top_k: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Extension: keep the k likeliest tokens.")
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10, description="Extension.")
+    top_k: TopK | None = Field(default=None, description="Extension: keep the k likeliest tokens.")
+    repetition_penalty: RepetitionPenalty | None = Field(default=None, description="Extension.")
 
     @model_validator(mode="after")
     def _only_supported(self) -> "_SamplingRequest":

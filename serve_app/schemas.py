@@ -11,6 +11,12 @@ from deployments.protocol import GenerationParams, GenerationResult
 MAX_NEW_TOKENS_LIMIT = 4096
 MAX_SEED = 2**63 - 1
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# The sampling bounds, one definition for /generate and /v1 alike.
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+TopK = Annotated[int, Field(ge=0, le=2**31 - 1)]
+RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class GenerateRequest(BaseModel):
@@ -38,22 +44,18 @@ class GenerateRequest(BaseModel):
         le=2**31 - 1,
         description="Deprecated HF-style limit on prompt + new tokens; never with max_new_tokens.",
     )
-    temperature: float | None = Field(default=None, ge=0, le=2, description="0 means greedy.")
-    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int | None = Field(
-        default=None, ge=0, le=2**31 - 1, description="Keep the k likeliest tokens; 0 = off."
-    )
-    repetition_penalty: float | None = Field(
-        default=None, gt=0, le=10, description="Above 1 discourages repeating seen tokens."
+    temperature: Temperature | None = Field(default=None, description="0 means greedy.")
+    top_p: TopP | None = Field(default=None, description="Nucleus sampling mass.")
+    top_k: TopK | None = Field(default=None, description="Keep the k likeliest tokens; 0 = off.")
+    repetition_penalty: RepetitionPenalty | None = Field(
+        default=None, description="Above 1 discourages repeating seen tokens."
     )
     stop: list[StopString] = Field(
         default_factory=list,
         max_length=4,
         description="Generation ends at the first of these; the stop text is not returned.",
     )
-    seed: int | None = Field(
-        default=None, ge=0, le=MAX_SEED, description="Same seed and parameters give the same text."
-    )
+    seed: Seed | None = Field(default=None, description="Same seed and parameters give the same text.")
     num_return_sequences: int = Field(default=1, ge=1, le=4, description="Sequences to return.")
     stream: bool = Field(default=False, description="Answer with server-sent events.")
     model: str | None = Field(default=None, description="Model name; unset means the default.")

@@ -75,7 +75,6 @@ def start_clock(request: Request, timeout_s: float) -> None:
 async def generate(
     request: Request,
     access: AccessControl,
-    route: str,
     handle: DeploymentHandle,
     *params: GenerationParams,
 ) -> list[GenerationResult]:
@@ -90,7 +89,7 @@ async def generate(
         ServiceError: 503 (model queue full, replica failed twice), 504 (deadline).
     """
     _, results = await _start(
-        request, access, route, handle,
+        request, access, handle,
         lambda: _Calls(handle.generate.remote(one) for one in params),
         lambda calls: asyncio.gather(*calls),
     )
@@ -102,7 +101,7 @@ async def generate(
 
 
 async def open_stream(
-    request: Request, access: AccessControl, route: str, handle: DeploymentHandle, params: GenerationParams
+    request: Request, access: AccessControl, handle: DeploymentHandle, params: GenerationParams
 ) -> tuple[Any, StreamStart]:
     """Admits the request and opens its model stream; returns it with its StreamStart.
     Until that first item nothing was sent, so a failed replica costs one retry.
@@ -112,7 +111,7 @@ async def open_stream(
         ServiceError: 503 or 504, as for `generate`.
     """
     return await _start(
-        request, access, route, handle,
+        request, access, handle,
         lambda: handle.options(stream=True).generate_stream.remote(params),
         lambda stream: stream.__anext__(),
     )
@@ -121,7 +120,6 @@ async def open_stream(
 async def _start(
     request: Request,
     access: AccessControl,
-    route: str,
     handle: DeploymentHandle,
     start_call: Callable[[], Any],
     first_answer: Callable[[Any], Awaitable[T]],
@@ -134,7 +132,7 @@ async def _start(
     call = None
     try:
         async with asyncio.timeout_at(request.state.deadline):
-            call = await access.admit_around(request, route, start_call)
+            call = await access.admit_around(request, start_call)
             try:
                 return call, await first_answer(call)
             except REPLICA_FAILURES:
