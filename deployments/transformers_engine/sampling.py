@@ -69,19 +69,22 @@ class BatchSampler:
         if self._seen is not None:
             penalty = self._penalty[:, None]
             penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-            logits = _finite(torch.where(self._seen, penalized, logits))
+            logits = torch.where(self._seen, penalized, logits)
+            if bool((self._penalty < _OVERFLOWING_DIVISOR).any()):
+                logits = _finite(logits)
         next_tokens = logits.argmax(dim=-1)
         sampled_rows = (self._temperature > 0).nonzero().flatten()
         if sampled_rows.numel() == 0:
             return next_tokens
-        scores = _finite(logits[sampled_rows] / self._temperature[sampled_rows, None])
+        temperature = self._temperature[sampled_rows]
+        scores = logits[sampled_rows] / temperature[:, None]
+        if bool((temperature < _OVERFLOWING_DIVISOR).any()):
+            scores = _finite(scores)
         scores = self._apply_top_k(scores, self._top_k[sampled_rows])
-        scores = self._apply_top_p(scores, self._top_p[sampled_rows])
         probabilities = scores.softmax(dim=-1)
-        for position, row in enumerate(sampled_rows.tolist()):
-            next_tokens[row] = torch.multinomial(
-                probabilities[position], 1, generator=self._generators[row]
-            )[0]
+        top_p = self._top_p[sampled_rows]
+        generators = [self._generators[row] for row in sampled_rows.tolist()]
+        next_tokens[sampled_rows] = _draw_nucleus(probabilities, top_p, generators)
         return next_tokens
 
     @staticmethod
@@ -93,17 +96,6 @@ class BatchSampler:
         largest = int(top_k.max())
         kth_best = scores.topk(largest, dim=-1).values.gather(1, (top_k - 1)[:, None])
         return scores.masked_fill(scores < kth_best, float("-inf"))
-
-    @staticmethod
-    def _apply_top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-        if bool((top_p >= 1.0).all()):
-            return scores
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probabilities = sorted_scores.softmax(dim=-1)
-        mass_before = probabilities.cumsum(dim=-1) - probabilities
-        # The most likely token always survives (its mass_before is 0).
-        sorted_scores = sorted_scores.masked_fill(mass_before > top_p[:, None], float("-inf"))
-        return scores.scatter(1, order, sorted_scores)
 
     def observe(self, tokens: torch.Tensor) -> None:
         """Records the tokens just chosen, for the repetition penalty."""
@@ -137,6 +129,62 @@ class BatchSampler:
         if self._seen is not None:
             return self._seen
         return torch.zeros(len(self), self._vocab_size, dtype=torch.bool, device=self._device)
+
+
+# Candidates examined for top-p before falling back to sorting the whole vocabulary.
+NUCLEUS_CANDIDATES = 4096
+# Dividing float32 logits (|logit| well under 1e30) by anything this large or larger
+# cannot overflow, so the inf/NaN guard is needed only below it.
+_OVERFLOWING_DIVISOR = 1e-6
+
+
+def _draw_nucleus(
+    probabilities: torch.Tensor, top_p: torch.Tensor, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """One token per row from ``probabilities`` [rows, vocab], restricted to each row's
+    nucleus: the most likely tokens, in order, until the mass before a token exceeds
+    its row's ``top_p`` (the most likely token always survives).
+
+    Sorting a 50k vocabulary per row per step costs more than the rest of sampling, so
+    the nucleus is looked for among the ``NUCLEUS_CANDIDATES`` most likely tokens first;
+    that is exact whenever their mass exceeds ``top_p`` (every later token then has
+    more than ``top_p`` before it). Rows whose nucleus is wider, and rows with
+    ``top_p >= 1`` (no nucleus), draw from their whole row. Each row draws one uniform
+    number from its own generator and inverts its cumulative distribution.
+    """
+    rows, vocab = probabilities.shape
+    uniforms = torch.stack([torch.rand((), generator=generator, device=probabilities.device) for generator in generators])
+    chosen = torch.empty(rows, dtype=torch.long, device=probabilities.device)
+    candidates, candidate_ids = probabilities.topk(min(NUCLEUS_CANDIDATES, vocab), dim=-1)
+    whole_row = top_p >= 1.0
+    in_candidates = ~whole_row & (candidates.sum(dim=-1) > top_p)
+    wide = ~whole_row & ~in_candidates
+    if bool(in_candidates.any()):
+        chosen[in_candidates] = _invert(
+            _nucleus(candidates[in_candidates], top_p[in_candidates]),
+            candidate_ids[in_candidates],
+            uniforms[in_candidates],
+        )
+    if bool(wide.any()):
+        ordered, ordered_ids = probabilities[wide].sort(dim=-1, descending=True)
+        chosen[wide] = _invert(_nucleus(ordered, top_p[wide]), ordered_ids, uniforms[wide])
+    if bool(whole_row.any()):
+        chosen[whole_row] = _invert(probabilities[whole_row], None, uniforms[whole_row])
+    return chosen
+
+
+def _nucleus(descending: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zeroes the probabilities (sorted descending) that fall outside the nucleus."""
+    mass_before = descending.cumsum(dim=-1) - descending
+    return descending.masked_fill(mass_before > top_p[:, None], 0.0)
+
+
+def _invert(weights: torch.Tensor, ids: torch.Tensor | None, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the id at which the cumulative weight first exceeds ``uniform`` x total."""
+    cumulative = weights.cumsum(dim=-1)
+    targets = (uniforms * cumulative[:, -1])[:, None]
+    positions = torch.searchsorted(cumulative, targets, right=True).clamp(max=weights.shape[-1] - 1)
+    return (positions if ids is None else ids.gather(1, positions)).squeeze(1)
 
 
 def _finite(scores: torch.Tensor) -> torch.Tensor:
