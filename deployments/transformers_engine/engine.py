@@ -1,7 +1,8 @@
 """The HuggingFace transformers engine: continuous batching with per-row parameters.
 
 A scheduler thread owns the model. Between two decode steps it admits waiting requests
-(one batched prefill), joins their KV cache to the running batch, and drops finished or
+(prefilled in groups of similar prompt length, a chunk per step), joins their KV cache
+to the running batch, and drops finished or
 cancelled rows, so a short request never waits for a long one and a new request never
 waits for a batch to drain (iteration-level batching, as in Orca, vLLM and TGI).
 """
@@ -58,6 +59,11 @@ MAX_PREFILL_TOKENS = 8192
 # Prompt tokens (rows x columns) prefilled between two decode steps: long prompts are
 # prefilled in chunks, so running rows stall for one chunk at a time, not a whole prompt.
 PREFILL_CHUNK_TOKENS = 256
+# Prompts prefilled together are left-padded to the longest; a prompt joins a group
+# only while the padding stays within this share of the group's real tokens (plus a
+# few columns, so that short prompts still share a pass).
+PREFILL_PADDING_SHARE = 0.25
+PREFILL_PADDING_ALLOWANCE = 16
 # Failed scheduler iterations in a row after which the engine reports itself broken.
 BROKEN_AFTER_FAILURES = 3
 
@@ -80,6 +86,24 @@ def model_sampling_defaults(generation_config: GenerationConfig) -> SamplingDefa
 
 
 _DROPPED = object()  # delivered when a cancelled request's rows are dropped
+
+
+def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Splits an admission wave (prompt lengths) into groups prefilled together, shortest
+    first, so that left padding wastes little: under mixed load, one wave padded to its
+    longest prompt computed 2.4 times the real prompt tokens (bench/throughput.py mix).
+    Returns indices into ``lengths``."""
+    groups: list[list[int]] = []
+    useful = 0
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        width = lengths[index]  # ascending: the newest prompt is the group's widest
+        if groups and width * (len(groups[-1]) + 1) <= (useful + width) * (1 + PREFILL_PADDING_SHARE) + PREFILL_PADDING_ALLOWANCE:
+            groups[-1].append(index)
+            useful += width
+        else:
+            groups.append([index])
+            useful = width
+    return groups
 
 
 def merge_steps(earlier: list[SequenceDelta], later: list[SequenceDelta]) -> list[SequenceDelta]:
@@ -206,7 +230,7 @@ class TransformersEngine(Engine):
         self._dtype = resolve_dtype(config.dtype, device)
         self._arrivals: queue.SimpleQueue[_Admission] = queue.SimpleQueue()
         self._scheduler: threading.Thread | None = None
-        self._joinable: bool | None = None  # known after the first prefill
+        self._joinable = False  # whether prefilled rows can join a running batch's cache
         self._cache_argument = "cache"
         self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
         self._failures_in_a_row = 0
@@ -235,6 +259,7 @@ class TransformersEngine(Engine):
             if limit
         ]
         self._context_length = min(limits, default=_FALLBACK_CONTEXT_LENGTH)
+        self._joinable = self._cache_joins()
         self._scheduler = threading.Thread(target=self._schedule_forever, name="textgen-scheduler", daemon=True)
         self._scheduler.start()
         logger.info(
@@ -242,6 +267,13 @@ class TransformersEngine(Engine):
             self.config.source, self.device, self._dtype, self._context_length,
             torch.get_num_threads(),
         )
+
+    @torch.inference_mode()
+    def _cache_joins(self) -> bool:
+        """Runs one token through the model (which also warms its kernels up) to learn
+        whether its cache layers can be joined along the batch."""
+        output = self._model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=True)
+        return kv_cache.can_join(output[self._cache_argument])
 
     def _collect_eos_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -328,21 +360,20 @@ class TransformersEngine(Engine):
     def _schedule_forever(self) -> None:
         waiting: deque[_Admission] = deque()
         batch: _Batch | None = None
-        prefill: _Prefill | None = None
+        prefills: deque[_Prefill] = deque()  # the admitted wave, a group at a time
         while True:
-            if batch is None and prefill is None and not waiting:
+            if batch is None and not prefills and not waiting:
                 waiting.append(self._arrivals.get())  # idle: sleep until a request comes
                 self._collect_arrivals(waiting, wait_s=self.config.batch_wait_timeout_s)
             else:
                 self._collect_arrivals(waiting, wait_s=0)
             try:
-                if prefill is None:
-                    admitted = self._take_admissions(waiting, batch)
-                    prefill = self._start_prefill(admitted) if admitted else None
-                if prefill is not None:
-                    joining = self._prefill_chunk(prefill)
+                if not prefills:
+                    prefills.extend(self._start_prefills(self._take_admissions(waiting, batch)))
+                if prefills:
+                    joining = self._prefill_chunk(prefills[0])
                     if joining is not None:
-                        prefill = None
+                        prefills.popleft()
                         if batch is None:
                             batch = joining
                         else:
@@ -352,11 +383,12 @@ class TransformersEngine(Engine):
                 self._failures_in_a_row = 0
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving others
                 failed = {id(s.admission): s.admission for s in (batch.sequences if batch else [])}
-                failed.update({id(a): a for a in (prefill.admitted if prefill else [])})
+                failed.update({id(a): a for prefill in prefills for a in prefill.admitted})
                 logger.exception("decode step failed; failing its %d request(s)", len(failed))
                 for admission in failed.values():
                     admission.deliver(exc)
-                batch, prefill = None, None
+                batch = None
+                prefills.clear()
                 self._failures_in_a_row += 1
                 if self._failures_in_a_row >= BROKEN_AFTER_FAILURES and self._broken is None:
                     # One bad batch (a request too large for memory) is survivable; every
@@ -379,7 +411,7 @@ class TransformersEngine(Engine):
         """The waiting requests that fit now, first come first served."""
         while waiting and waiting[0].request.cancelled.is_set():
             waiting.popleft().deliver(_DROPPED)  # its caller left before it started
-        if batch is not None and self._joinable is False:
+        if batch is not None and not self._joinable:
             return []  # static batching for caches that cannot be joined
         free = self.config.max_batch_size - (len(batch.sequences) if batch else 0)
         admitted: list[_Admission] = []
@@ -398,10 +430,16 @@ class TransformersEngine(Engine):
             prefill_tokens += len(request.prompt_token_ids)
         return admitted
 
-    def _start_prefill(self, admitted: list[_Admission]) -> _Prefill:
+    def _start_prefills(self, admitted: list[_Admission]) -> list[_Prefill]:
         started = time.monotonic()
         for admission in admitted:
             admission.request.timings.batch_started_at = started
+        if not self._joinable:  # groups join the batch one after another: take the wave whole
+            return [self._start_prefill(admitted)] if admitted else []
+        groups = prefill_groups([len(admission.request.prompt_token_ids) for admission in admitted])
+        return [self._start_prefill([admitted[index] for index in group]) for group in groups]
+
+    def _start_prefill(self, admitted: list[_Admission]) -> _Prefill:
         prompts = [admission.request.prompt_token_ids for admission in admitted]
         width = max(len(prompt) for prompt in prompts)
         input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -434,8 +472,8 @@ class TransformersEngine(Engine):
         if end < width:
             return None
         cache, admitted, device = prefill.cache, prefill.admitted, self.device
-        if self._joinable is None:
-            self._joinable = kv_cache.can_join(cache)
+        if self._joinable:  # all layers keep full history: decode steps write in place
+            kv_cache.growing(cache)
         sequences = [
             _Sequence(admission, index, self._decode_tokens)
             for admission in admitted

@@ -214,15 +214,35 @@ def test_requests_join_a_running_batch_and_leave_it_early(engine):
 
 def test_chunked_prefill_gives_the_same_text(tiny_model_dir):
     """Long prompts are prefilled a chunk at a time between decode steps; the result
-    must not depend on the chunking (rows of different lengths share each chunk)."""
-    prompts = ["word " * 40, "A much shorter prompt", "x"]
+    must not depend on the chunking, nor on the grouping by length (the two long
+    prompts, of different lengths, share their chunks; the short ones go apart)."""
+    prompts = ["word " * 40, "word " * 36 + "end", "A much shorter prompt", "x"]
     requests = [greedy(prompt, max_new_tokens=10) for prompt in prompts]
     whole = TransformersEngine(ModelConfig(source=str(tiny_model_dir)), "cpu")
     whole.load()
     chunked = TransformersEngine(ModelConfig(source=str(tiny_model_dir)), "cpu")
     chunked.load()
-    chunked.prefill_chunk_tokens = 6  # 3 prompts: 2 columns per chunk
+    chunked.prefill_chunk_tokens = 6  # 2 columns per chunk for the two long prompts
     assert run(chunked, *requests) == run(whole, *requests)
+    alone = [run(whole, request)[0] for request in requests]
+    assert run(whole, *requests) == alone
+
+
+def test_prefill_groups_keep_padding_small_and_short_prompts_first():
+    from deployments.transformers_engine.engine import prefill_groups
+
+    # Short prompts share a pass (a few columns of padding are allowed), long ones
+    # group with long ones, and no prompt pads a much shorter one to its width.
+    assert prefill_groups([300, 5, 12, 280, 8, 400]) == [[1, 4, 2], [3, 0, 5]]
+    assert prefill_groups([300, 5, 150]) == [[1], [2], [0]]
+    assert prefill_groups([7]) == [[0]]
+    assert prefill_groups([]) == []
+    lengths = [3, 50, 9, 120, 118, 1, 60, 64, 300]
+    groups = prefill_groups(lengths)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        useful = sum(lengths[i] for i in group)
+        assert max(lengths[i] for i in group) * len(group) <= useful * 1.25 + 16
 
 
 def test_steps_a_slow_reader_missed_arrive_merged():
