@@ -47,7 +47,10 @@ class ModelConfig(BaseModel):
     )
     dtype: Dtype = Field(
         default="auto",
-        description="Weights dtype; `auto` is bfloat16 on a GPU and float32 on a CPU.",
+        description=(
+            "Weights dtype; `auto` is bfloat16 on a GPU and on a CPU with AMX (native "
+            "bfloat16 matmuls), float32 on other CPUs."
+        ),
     )
     cpu_threads: int | None = Field(
         default=None,

@@ -29,11 +29,23 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` is bfloat16 on a GPU (half the memory, native speed) and float32 on a CPU
-    (CPU bfloat16 matmuls are slow on most x86 parts)."""
+    """``auto`` is bfloat16 on a GPU (half the memory, native speed) and on a CPU with
+    AMX tiles, float32 on other CPUs (which emulate bfloat16 matmuls, slowly).
+
+    Measured on 2 cores of a Xeon with AMX, SmolLM2-135M: a 256-token prefill 351 ->
+    171 ms, a 16-row decode step 97 -> 48 ms, greedy answers of the same quality.
+    """
     if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        return torch.bfloat16 if device == "cuda" or cpu_has_amx() else torch.float32
     return _DTYPES[dtype]
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Xeon Sapphire Rapids and later), which oneDNN
+    uses for bfloat16 matmuls. torch only exposes the probe privately, so a torch
+    without it counts as no."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
 
 
 def prepare_embedded_model(target: Path | None = None) -> Path:

@@ -13,7 +13,9 @@ from tests.tiny_model import TINY_CONTEXT_LENGTH
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    engine = TransformersEngine(ModelConfig(name="tiny", source=str(tiny_model_dir)), "cpu")
+    # float32: these tests check the engine's logic against exact references (batched
+    # equals alone, chunked equals whole), which bfloat16 rounding would blur.
+    engine = TransformersEngine(ModelConfig(name="tiny", source=str(tiny_model_dir), dtype="float32"), "cpu")
     engine.load()
     return engine
 
@@ -46,6 +48,22 @@ def test_status_reports_device_dtype_and_context(engine):
     status = engine.status()
     assert (status.name, status.device, status.dtype) == ("tiny", "cpu", "float32")
     assert status.context_length == TINY_CONTEXT_LENGTH
+
+
+def test_auto_dtype_is_bfloat16_where_matmuls_are_native(tiny_model_dir):
+    import torch
+
+    from deployments.transformers_engine.loading import cpu_has_amx, resolve_dtype
+
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("float32", "cpu") == torch.float32
+    native = cpu_has_amx()
+    assert native == ("amx_tile" in open("/proc/cpuinfo").read().split())  # the probe sees the flag
+    engine = TransformersEngine(ModelConfig(source=str(tiny_model_dir)), "cpu")
+    engine.load()
+    assert engine.status().dtype == ("bfloat16" if native else "float32")
+    [result] = run(engine, greedy(max_new_tokens=5))
+    assert result[0][1:] == ("length", 5)
 
 
 def test_max_new_tokens_is_exact_and_finish_reason_length(engine):
@@ -141,7 +159,7 @@ def test_eos_ends_with_finish_reason_eos(tiny_model_dir, tmp_path):
         if item.name != "generation_config.json":
             (folder / item.name).symlink_to(item)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id}))
-    engine = TransformersEngine(ModelConfig(source=str(folder)), "cpu")
+    engine = TransformersEngine(ModelConfig(source=str(folder), dtype="float32"), "cpu")
     engine.load()
     [result] = run(engine, greedy(max_new_tokens=6))
     text, reason, completion_tokens = result[0]
@@ -218,9 +236,9 @@ def test_chunked_prefill_gives_the_same_text(tiny_model_dir):
     prompts, of different lengths, share their chunks; the short ones go apart)."""
     prompts = ["word " * 40, "word " * 36 + "end", "A much shorter prompt", "x"]
     requests = [greedy(prompt, max_new_tokens=10) for prompt in prompts]
-    whole = TransformersEngine(ModelConfig(source=str(tiny_model_dir)), "cpu")
+    whole = TransformersEngine(ModelConfig(source=str(tiny_model_dir), dtype="float32"), "cpu")
     whole.load()
-    chunked = TransformersEngine(ModelConfig(source=str(tiny_model_dir)), "cpu")
+    chunked = TransformersEngine(ModelConfig(source=str(tiny_model_dir), dtype="float32"), "cpu")
     chunked.load()
     chunked.prefill_chunk_tokens = 6  # 2 columns per chunk for the two long prompts
     assert run(chunked, *requests) == run(whole, *requests)
@@ -255,7 +273,7 @@ def test_steps_a_slow_reader_missed_arrive_merged():
 
 
 def test_an_engine_whose_steps_keep_failing_reports_itself_broken(tiny_model_dir):
-    engine = TransformersEngine(ModelConfig(source=str(tiny_model_dir)), "cpu")
+    engine = TransformersEngine(ModelConfig(source=str(tiny_model_dir), dtype="float32"), "cpu")
     engine.load()
     engine.check_health()
 
@@ -273,7 +291,7 @@ def test_an_engine_whose_steps_keep_failing_reports_itself_broken(tiny_model_dir
 
 
 def test_one_failing_batch_does_not_break_the_engine(tiny_model_dir):
-    engine = TransformersEngine(ModelConfig(source=str(tiny_model_dir)), "cpu")
+    engine = TransformersEngine(ModelConfig(source=str(tiny_model_dir), dtype="float32"), "cpu")
     engine.load()
     real_forward = engine._model.forward
     calls = {"n": 0}
