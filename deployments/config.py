@@ -81,6 +81,17 @@ class ModelConfig(BaseModel):
             "together are prefilled together (a busy replica admits them at the next step)."
         ),
     )
+    stream_interval_s: float = Field(
+        default=0.25,
+        ge=0,
+        le=5,
+        description=(
+            "Least time between two hand-overs of a request's new tokens from the engine to "
+            "its caller (the first and the last go at once); tokens generated meanwhile go "
+            "out together. Each hand-over costs the replica Python work that stalls the "
+            "decode loop; 0 sends every step."
+        ),
+    )
     trust_remote_code: bool = Field(
         default=False, description="Allow model code from the model's repository (hub sources)."
     )

@@ -98,8 +98,9 @@ def deploy_in_background(base_url: str, args: AppArgs, name: str) -> tuple[str, 
 @pytest.fixture(scope="session")
 def tiny_url(serve_base_url, tiny_model_dir):
     """The tiny model behind the real builder, batching up to 8 sequences; the long
-    batch wait makes concurrent requests land in one batch."""
-    args = tiny_app_args(tiny_model_dir, max_batch_size=8, batch_wait_timeout_s=0.3)
+    batch wait makes concurrent requests land in one batch. Every step is handed over
+    (stream_interval_s=0), so tests can count tokens by stream events."""
+    args = tiny_app_args(tiny_model_dir, max_batch_size=8, batch_wait_timeout_s=0.3, stream_interval_s=0)
     url = deploy(serve_base_url, args, "tiny")
     yield url
     serve.delete("tiny")

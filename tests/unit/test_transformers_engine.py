@@ -14,8 +14,10 @@ from tests.tiny_model import TINY_CONTEXT_LENGTH
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     # float32: these tests check the engine's logic against exact references (batched
-    # equals alone, chunked equals whole), which bfloat16 rounding would blur.
-    engine = TransformersEngine(ModelConfig(name="tiny", source=str(tiny_model_dir), dtype="float32"), "cpu")
+    # equals alone, chunked equals whole), which bfloat16 rounding would blur; and they
+    # watch every step, so every step is handed over.
+    config = ModelConfig(name="tiny", source=str(tiny_model_dir), dtype="float32", stream_interval_s=0)
+    engine = TransformersEngine(config, "cpu")
     engine.load()
     return engine
 
@@ -308,3 +310,29 @@ def test_one_failing_batch_does_not_break_the_engine(tiny_model_dir):
     [result] = run(engine, greedy("second", max_new_tokens=4))
     assert result[0][1] == "length"
     engine.check_health()
+
+
+def test_steps_are_handed_over_at_most_once_per_stream_interval(tiny_model_dir):
+    """The first step and the finishing one go at once; steps in between are merged
+    until the interval has passed. Interval 0 hands every step over."""
+
+    def hand_overs(interval_s: float) -> tuple[int, str]:
+        engine = TransformersEngine(
+            ModelConfig(source=str(tiny_model_dir), dtype="float32", stream_interval_s=interval_s), "cpu"
+        )
+        engine.load()
+
+        async def consume():
+            items, text = 0, ""
+            async for deltas in engine.generate(engine.prepare(greedy(max_new_tokens=12))):
+                items += 1
+                text += "".join(delta.text for delta in deltas)
+                assert deltas[-1].completion_tokens == 1 or items > 1
+            return items, text
+
+        return asyncio.run(consume())
+
+    every_step, held = hand_overs(0.0), hand_overs(5.0)
+    assert every_step[0] == 12
+    assert held[0] == 2, "the first token, then the other 11 with the finish"
+    assert held[1] == every_step[1]
