@@ -182,7 +182,10 @@ def _nucleus(descending: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 def _invert(weights: torch.Tensor, ids: torch.Tensor | None, uniforms: torch.Tensor) -> torch.Tensor:
     """Per row, the id at which the cumulative weight first exceeds ``uniform`` x total."""
     cumulative = weights.cumsum(dim=-1)
-    targets = (uniforms * cumulative[:, -1])[:, None]
+    total = cumulative[:, -1]
+    # Below the total even where uniform x total rounds up to it, so that a zero-weight
+    # token after the last positive one is never picked.
+    targets = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))[:, None]
     positions = torch.searchsorted(cumulative, targets, right=True).clamp(max=weights.shape[-1] - 1)
     return (positions if ids is None else ids.gather(1, positions)).squeeze(1)
 

@@ -67,3 +67,13 @@ def test_top_k_then_top_p_renormalizes_over_the_top_k():
     row = RowSampling(temperature=1.0, top_p=0.5, top_k=2, repetition_penalty=1.0, seed=5)
     [counts] = draw([(peaked(), row)])
     assert counts == Counter({10: DRAWS})
+
+
+def test_the_largest_uniform_never_picks_a_zero_weight_token():
+    from deployments.transformers_engine.sampling import _invert
+
+    weights = torch.tensor([[0.25, 0.75, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    largest_below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
+    picked = _invert(weights, None, torch.stack([largest_below_one, largest_below_one]))
+    assert picked.tolist() == [1, 1]
+    assert _invert(weights, None, torch.zeros(2)).tolist() == [0, 1]
