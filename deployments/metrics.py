@@ -97,7 +97,8 @@ def record_time_to_first_token(model: str, seconds: float) -> None:
 
 
 def record_batch_size(model: str, sequences: int) -> None:
-    """Sequences decoded together in a batch, at its start."""
+    """Sequences decoded together, observed at every decode step (rows join and leave
+    between steps)."""
     _histogram(
         "textgen_batch_size", "Sequences per decode batch.", BATCH_SIZE_BUCKETS, ("model",)
     ).observe(sequences, tags={"model": model})

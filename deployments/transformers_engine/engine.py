@@ -440,12 +440,12 @@ class TransformersEngine(Engine):
                 return
 
     def _take_admissions(self, waiting: deque[_Admission], batch: _Batch | None) -> list[_Admission]:
-        """The waiting requests that fit now, first come first served."""
-        while waiting and waiting[0].request.cancelled.is_set():
-            waiting.popleft().deliver(_DROPPED)  # its caller left before it started
+        """The waiting requests that fit now, first come first served; those whose caller
+        left before they started are dropped on the way."""
         if batch is not None and not self._joinable:
-            return []  # static batching for caches that cannot be joined
-        free = self.config.max_batch_size - (len(batch.sequences) if batch else 0)
+            free = 0  # static batching for caches that cannot be joined
+        else:
+            free = self.config.max_batch_size - (len(batch.sequences) if batch else 0)
         admitted: list[_Admission] = []
         prefill_tokens = 0
         while waiting:
@@ -532,29 +532,25 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def _step(self, batch: _Batch) -> _Batch | None:
-        """Samples every row's next token, delivers it, drops the rows that ended, and
-        runs the forward pass for the rest. Returns None when no row is left."""
-        live = []
-        dropped: dict[int, _Admission] = {}
-        for row, sequence in enumerate(batch.sequences):
-            if sequence.admission.request.cancelled.is_set():
-                dropped[id(sequence.admission)] = sequence.admission
-            else:
-                live.append(row)
-        for admission in dropped.values():
-            admission.deliver(_DROPPED)
-        if not live:
-            return None
-        batch.keep(live)
-        next_tokens = batch.sampler.sample(batch.logits)
+        """Samples every row's next token, delivers it, drops the rows that ended or whose
+        caller left, and runs the forward pass for the rest. Returns None when no row is
+        left. Rows leave in one `keep` (each one copies the KV cache)."""
+        next_tokens = batch.sampler.sample(batch.logits)  # cancelled rows too: cheaper than a keep
         batch.sampler.observe(next_tokens)
         per_request: dict[int, tuple[_Admission, list[SequenceDelta]]] = {}
+        dropped: dict[int, _Admission] = {}
         still_running = []
         for row, (sequence, token_id) in enumerate(zip(batch.sequences, next_tokens.tolist(), strict=True)):
+            admission = sequence.admission
+            if admission.request.cancelled.is_set():
+                dropped[id(admission)] = admission
+                continue
             delta = sequence.advance(token_id, self._eos_token_ids)
-            per_request.setdefault(id(sequence.admission), (sequence.admission, []))[1].append(delta)
+            per_request.setdefault(id(admission), (admission, []))[1].append(delta)
             if not sequence.finished:
                 still_running.append(row)
+        for admission in dropped.values():
+            admission.deliver(_DROPPED)
         for admission, deltas in per_request.values():
             admission.deliver(deltas)
         if not still_running:
