@@ -101,6 +101,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        engine.close()  # a scheduler thread still running at interpreter exit aborts it
 
     columns = list(next(iter(times.values())))
     print(f"\nmedian ms of {args.turns} greedy requests, one at a time (ratio to the engine with no Ray)")

@@ -394,6 +394,7 @@ def main() -> None:
         results["ours"] = measure_ours(args, mix, engine)
     if "limit" in args.systems:  # with the cluster gone, so it has the machine to itself
         results["limit"] = measure_limit(args, mix, engine)
+    engine.close()  # a scheduler thread still running at interpreter exit aborts it
     if "seed" in args.systems:
         results["seed"] = measure_seed(args, mix)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 DEFAULT_ENGINE = "deployments.transformers_engine:TransformersEngine"
 EMBEDDED_SOURCE = "embedded"
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
+ENGINE_NICENESS = 0
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -92,6 +93,29 @@ class ModelConfig(BaseModel):
             "decode loop; 0 sends every step."
         ),
     )
+    engine_process: bool = Field(
+        default=True,
+        description=(
+            "Run the model and its scheduler in a child process of the replica (the engine "
+            "process), so that Serve's and Ray's Python in the replica never holds the "
+            "interpreter lock the decode loop needs; the replica keeps a tokenizer and the "
+            "I/O. False runs the engine inside the replica's process. The engine class must "
+            "implement `frontend_state` and `load_frontend`."
+        ),
+    )
+    engine_niceness: int = Field(
+        default=ENGINE_NICENESS,
+        ge=-20,
+        le=19,
+        description=(
+            "Niceness of the engine process. Ray starts its workers at niceness 15 and the "
+            "engine process inherits it, so the decode loop competes on equal terms with "
+            "Serve's proxy and ingress, whose every wake-up stalls torch's threads; 0 gives "
+            "it priority (on 2 cores, 16 streamed clients: 71 -> 84 tokens/s). Lowering it "
+            "needs CAP_SYS_NICE (root in most containers) or `ulimit -e`; without either "
+            "the engine process keeps the replica's niceness and logs why."
+        ),
+    )
     trust_remote_code: bool = Field(
         default=False, description="Allow model code from the model's repository (hub sources)."
     )
@@ -102,4 +126,10 @@ class ModelConfig(BaseModel):
             raise ValueError(
                 "revision applies to hub ids only; remove `revision` or set `source` to a hub id"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _niceness_needs_an_engine_process(self) -> "ModelConfig":
+        if self.engine_niceness != ENGINE_NICENESS and not self.engine_process:
+            raise ValueError("engine_niceness applies to an engine process; remove it or set engine_process: true")
         return self

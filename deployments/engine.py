@@ -8,9 +8,12 @@ its own sampling parameters, stop strings, seed and length.
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
+import importlib
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 from deployments.config import ModelConfig
@@ -134,6 +137,53 @@ def sequence_seed(seed: int, index: int) -> int:
     return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
+def merge_steps(earlier: list[SequenceDelta], later: list[SequenceDelta]) -> list[SequenceDelta]:
+    """One delta per sequence for two consecutive steps: texts joined, the later count
+    and finish reason."""
+    merged = {delta.index: delta for delta in earlier}
+    for delta in later:
+        before = merged.get(delta.index)
+        text = before.text + delta.text if before else delta.text
+        merged[delta.index] = SequenceDelta(delta.index, text, delta.completion_tokens, delta.finish_reason)
+    return list(merged.values())
+
+
+# Put on a relayed queue when a request's steps end before every sequence finished
+# (its rows were dropped because nobody waits for them any more).
+END_OF_STEPS = object()
+
+
+async def relay_steps(outputs: asyncio.Queue, sequences: int) -> AsyncIterator[list[SequenceDelta]]:
+    """Yields the steps another thread puts on ``outputs`` until all ``sequences`` have
+    finished. Steps that piled up while the caller was busy go out as one: under load
+    that saves a message per token through every process of the stream. An exception
+    put there is raised; END_OF_STEPS ends the iteration early."""
+    ready: deque = deque()
+    while sequences:
+        if not ready:
+            ready.append(await outputs.get())
+        while not outputs.empty():
+            ready.append(outputs.get_nowait())
+        item = ready.popleft()
+        while isinstance(item, list) and ready and isinstance(ready[0], list):
+            item = merge_steps(item, ready.popleft())
+        if item is END_OF_STEPS:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        sequences -= sum(delta.finish_reason is not None for delta in item)
+        yield item
+
+
+def import_engine_class(path: str) -> type[Engine]:
+    """Imports ``module:Class`` and checks that it is an Engine."""
+    module_name, _, class_name = path.partition(":")
+    engine_cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(engine_cls, type) and issubclass(engine_cls, Engine)):
+        raise TypeError(f"{path} is not a subclass of deployments.engine.Engine")
+    return engine_cls
+
+
 class Engine(abc.ABC):
     """A text-generation backend, one instance per model replica; it batches the
     requests it is given concurrently.
@@ -150,6 +200,18 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def load(self) -> None:
         """Loads weights and tokenizer; blocking, called once before serving."""
+
+    def frontend_state(self) -> object:
+        """What `load_frontend` needs from this loaded engine (picklable): values read
+        from the model, so that a frontend copy prepares requests exactly as this engine
+        would. Engines that run in an engine process (deployments.engine_process)
+        implement it and `load_frontend`; others always run in the replica's process."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run in an engine process")
+
+    def load_frontend(self, state: object) -> None:
+        """Loads only what `prepare` needs (a tokenizer, not the model), given the
+        `frontend_state` of a loaded copy of this engine in the engine process."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run in an engine process")
 
     @abc.abstractmethod
     def status(self) -> ModelStatus:
@@ -180,3 +242,6 @@ class Engine(abc.ABC):
 
     def check_health(self) -> None:
         """Raises if the engine can no longer serve (not merely when it is busy)."""
+
+    def close(self) -> None:
+        """Releases what `load` started (the replica is shutting down)."""

@@ -8,6 +8,7 @@ Each metric object is created on first use in the process that records it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 from ray.util import metrics
 
@@ -113,3 +114,21 @@ def record_model_load(model: str, seconds: float) -> None:
         MODEL_LOAD_BUCKETS_S,
         ("model",),
     ).observe(seconds, tags={"model": model})
+
+
+# Every recorder above; an engine process hands its calls to its replica.
+_RECORDERS = frozenset(name for name in globals() if name.startswith("record_"))
+
+
+def record_elsewhere(send: Callable[[str, tuple], None]) -> None:
+    """Makes this process's ``record_*`` calls go to ``send(name, args)`` instead of Ray:
+    an engine process is no Ray worker, so its replica records them (`record_by_name`)."""
+    for name in _RECORDERS:
+        globals()[name] = lambda *args, name=name: send(name, args)
+
+
+def record_by_name(name: str, args: tuple) -> None:
+    """Records what another process passed to ``record_<...>(*args)`` (see record_elsewhere)."""
+    if name not in _RECORDERS:
+        raise ValueError(f"no metric recorder named {name!r}")
+    globals()[name](*args)

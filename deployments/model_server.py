@@ -7,14 +7,15 @@ A plain class; only the app builder wraps it with `serve.deployment`.
 
 from __future__ import annotations
 
-import importlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
 from deployments import metrics
 from deployments.config import ModelConfig
-from deployments.engine import Engine, PreparedRequest
+from deployments.engine import PreparedRequest, import_engine_class
+from deployments.engine_process import EngineProcess
 from deployments.protocol import (
     GenerationParams,
     GenerationResult,
@@ -25,15 +26,6 @@ from deployments.protocol import (
 )
 
 logger = logging.getLogger("ray.serve")
-
-
-def import_engine_class(path: str) -> type[Engine]:
-    """Imports ``module:Class`` and checks that it is an Engine."""
-    module_name, _, class_name = path.partition(":")
-    engine_cls = getattr(importlib.import_module(module_name), class_name)
-    if not (isinstance(engine_cls, type) and issubclass(engine_cls, Engine)):
-        raise TypeError(f"{path} is not a subclass of deployments.engine.Engine")
-    return engine_cls
 
 
 async def collect_result(
@@ -72,7 +64,10 @@ class ModelServer:
     def __init__(self, config: ModelConfig, device: str) -> None:
         self._config = config
         started = time.perf_counter()
-        self._engine = import_engine_class(config.engine)(config, device)
+        if config.engine_process:
+            self._engine = EngineProcess(config, device, on_exit=self._exit_with_engine)
+        else:
+            self._engine = import_engine_class(config.engine)(config, device)
         self._engine.load()
         load_seconds = time.perf_counter() - started
         metrics.record_model_load(config.name, load_seconds)
@@ -170,3 +165,19 @@ class ModelServer:
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy."""
         self._engine.check_health()
+
+    @staticmethod
+    def _exit_with_engine(code: int) -> None:
+        """A replica whose engine process died can only fail requests. Dying with it at
+        once lets Serve replace it and lets the ingress retry the requests it held on
+        another replica, rather than failing every request until the next health check.
+        """
+        logger.error("the engine process exited with code %d; this replica exits too", code)
+        logging.shutdown()
+        os._exit(1)
+
+    def __del__(self) -> None:
+        """Serve calls this when it shuts the replica down gracefully."""
+        engine = getattr(self, "_engine", None)  # absent when loading failed
+        if engine is not None:
+            engine.close()

@@ -23,10 +23,15 @@ FAKE_TEXT = "The quick brown fox jumps over the lazy dog. "
 FAKE_CONTEXT_LENGTH = 512
 
 
-def fake_source(load_s: float = 0.0, step_s: float = 0.0, broken: bool = False) -> str:
+def fake_source(load_s: float = 0.0, step_s: float = 0.0, broken: bool = False, failing: bool = False) -> str:
     """A `source` for FakeEngine: it sleeps ``load_s`` seconds in load() and ``step_s``
-    per generated character; ``broken`` makes its health check and status fail."""
-    return f"fake?load_s={load_s}&step_s={step_s}&broken={int(broken)}"
+    per generated character; ``broken`` makes its health check and status fail;
+    ``failing`` makes a prompt starting with "fail" raise FakeDecodeError after a step."""
+    return f"fake?load_s={load_s}&step_s={step_s}&broken={int(broken)}&failing={int(failing)}"
+
+
+class FakeDecodeError(RuntimeError):
+    """What a failing FakeEngine raises mid-generation."""
 
 
 def fake_text(seed: int | None, index: int, length: int) -> str:
@@ -45,11 +50,18 @@ class FakeEngine(Engine):
         self._load_s = float(query.get("load_s", ["0"])[0])
         self._step_s = float(query.get("step_s", ["0"])[0])
         self._broken = query.get("broken", ["0"])[0] == "1"
+        self._failing = query.get("failing", ["0"])[0] == "1"
         self.loaded = False
 
     def load(self) -> None:
         time.sleep(self._load_s)
         self.loaded = True
+
+    def frontend_state(self) -> None:
+        return None  # prepare needs nothing from load
+
+    def load_frontend(self, state: object) -> None:
+        pass
 
     def status(self) -> ModelStatus:
         self.check_health()
@@ -76,6 +88,8 @@ class FakeEngine(Engine):
             await asyncio.sleep(self._step_s)
             if request.cancelled.is_set():
                 return
+            if step == 1 and self._failing and chr(request.prompt_token_ids[0]) == "f":
+                raise FakeDecodeError(f"fake decode failure in request {request.request_id}")
             out: list[SequenceDelta] = []
             for index, text, planned in rows:
                 if index in finished:

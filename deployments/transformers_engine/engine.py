@@ -26,14 +26,17 @@ from transformers import GenerationConfig
 from deployments import metrics
 from deployments.config import EMBEDDED_SOURCE, ModelConfig
 from deployments.engine import (
+    END_OF_STEPS,
     SERVICE_DEFAULTS,
     Engine,
     PreparedRequest,
     SamplingDefaults,
+    merge_steps,
     prepare_request,
+    relay_steps,
     sequence_seed,
 )
-from deployments.model_source import resolve_model_source
+from deployments.model_source import ModelLocation, resolve_model_source
 from deployments.protocol import (
     FinishReason,
     GenerationParams,
@@ -44,7 +47,8 @@ from deployments.protocol import (
 from deployments.text_output import SequenceText
 from deployments.transformers_engine import kv_cache
 from deployments.transformers_engine.loading import (
-    load_model_and_tokenizer,
+    load_model,
+    load_tokenizer,
     prepare_embedded_model,
     resolve_dtype,
 )
@@ -85,9 +89,6 @@ def model_sampling_defaults(generation_config: GenerationConfig) -> SamplingDefa
     return SamplingDefaults(**defaults)
 
 
-_DROPPED = object()  # delivered when a cancelled request's rows are dropped
-
-
 def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
     """Splits an admission wave (prompt lengths) into groups prefilled together, shortest
     first, so that left padding wastes little: under mixed load, one wave padded to its
@@ -106,27 +107,16 @@ def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
     return groups
 
 
-def merge_steps(earlier: list[SequenceDelta], later: list[SequenceDelta]) -> list[SequenceDelta]:
-    """One delta per sequence for two consecutive steps: texts joined, the later count
-    and finish reason."""
-    merged = {delta.index: delta for delta in earlier}
-    for delta in later:
-        before = merged.get(delta.index)
-        text = before.text + delta.text if before else delta.text
-        merged[delta.index] = SequenceDelta(delta.index, text, delta.completion_tokens, delta.finish_reason)
-    return list(merged.values())
-
-
 class _Outbox:
     """Carries a request's steps from the scheduler thread to its caller's event loop,
     at most one hand-over per ``interval_s``: steps in between are merged, the first
     and any finishing step go at once, an error or a drop flushes what is held.
 
-    Every hand-over wakes the replica's event loop, and streaming sends it on through
-    Serve; that Python work holds the GIL, which the scheduler needs back after every
-    torch op of its forward pass, so both cores wait. At 16 streamed clients a decode
-    forward pass took 133 ms in the replica with a hand-over per step, 120 ms with one
-    per 0.25 s, 106 ms unstreamed, 91-98 ms in a plain process.
+    Every hand-over wakes the caller's event loop and, in the service, the replica, the
+    ingress and the proxy on the way to the client. With the engine inside the replica
+    (`engine_process: false`) that Python work also holds the scheduler's GIL: at 16
+    streamed clients a decode forward pass took 133 ms there with a hand-over per step,
+    120 ms with one per 0.25 s, 106 ms unstreamed, 91-98 ms in a plain process.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, interval_s: float) -> None:
@@ -135,7 +125,7 @@ class _Outbox:
         self._last_sent: float | None = None
 
     def deliver(self, item: object) -> None:
-        """Takes a step's deltas, an exception or _DROPPED (scheduler thread only)."""
+        """Takes a step's deltas, an exception or END_OF_STEPS (scheduler thread only)."""
         if isinstance(item, list):
             self._held = merge_steps(self._held, item) if self._held else item
             now = time.monotonic()
@@ -151,6 +141,15 @@ class _Outbox:
 
     def _send(self, item: object) -> None:
         self._loop.call_soon_threadsafe(self._outputs.put_nowait, item)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FrontendState:
+    """What a replica-side copy of the engine needs to prepare requests as the model's
+    own process does (TransformersEngine.frontend_state)."""
+
+    context_length: int
+    defaults: SamplingDefaults
 
 
 class _Admission:
@@ -264,8 +263,9 @@ class TransformersEngine(Engine):
         self._eos_token_ids: frozenset[int] = frozenset()
         self._context_length = _FALLBACK_CONTEXT_LENGTH
         self._dtype = resolve_dtype(config.dtype, device)
-        self._arrivals: queue.SimpleQueue[_Admission] = queue.SimpleQueue()
+        self._arrivals: queue.SimpleQueue[_Admission | None] = queue.SimpleQueue()
         self._scheduler: threading.Thread | None = None
+        self._closed = threading.Event()
         self._joinable = False  # whether prefilled rows can join a running batch's cache
         self._cache_argument = "cache"
         self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
@@ -277,13 +277,9 @@ class TransformersEngine(Engine):
             raise RuntimeError("the model deployment was placed for a GPU but CUDA is unavailable")
         if self.device == "cpu":
             torch.set_num_threads(self.config.cpu_threads or os.cpu_count() or 1)
-        if self.config.source == EMBEDDED_SOURCE:
-            prepare_embedded_model()
-        location = resolve_model_source(self.config.source, self.config.revision)
-        model, tokenizer = load_model_and_tokenizer(
-            location, self.device, self._dtype, self.config.trust_remote_code
-        )
-        self._model, self._tokenizer = model, tokenizer
+        location = self._model_location()
+        self._tokenizer = load_tokenizer(location, self.config.trust_remote_code)
+        self._model = model = load_model(location, self.device, self._dtype, self.config.trust_remote_code)
         # transformers renamed `past_key_values` to `cache` (5.2x); accept either, so
         # an image that ships another 5.x still runs.
         self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -303,6 +299,19 @@ class TransformersEngine(Engine):
             self.config.source, self.device, self._dtype, self._context_length,
             torch.get_num_threads(),
         )
+
+    def frontend_state(self) -> _FrontendState:
+        return _FrontendState(context_length=self._context_length, defaults=self._defaults)
+
+    def load_frontend(self, state: object) -> None:
+        assert isinstance(state, _FrontendState), state
+        self._tokenizer = load_tokenizer(self._model_location(), self.config.trust_remote_code)
+        self._context_length, self._defaults = state.context_length, state.defaults
+
+    def _model_location(self) -> ModelLocation:
+        if self.config.source == EMBEDDED_SOURCE:
+            prepare_embedded_model()
+        return resolve_model_source(self.config.source, self.config.revision)
 
     @torch.inference_mode()
     def _cache_joins(self) -> bool:
@@ -356,28 +365,19 @@ class TransformersEngine(Engine):
         outputs: asyncio.Queue = asyncio.Queue()
         outbox = _Outbox(asyncio.get_running_loop(), outputs, self.config.stream_interval_s)
         self._arrivals.put(_Admission(request, outbox))
-        unfinished = request.num_return_sequences
-        ready: deque = deque()
         try:
-            while unfinished:
-                if not ready:
-                    ready.append(await outputs.get())
-                while not outputs.empty():
-                    ready.append(outputs.get_nowait())
-                item = ready.popleft()
-                # Steps that piled up while the caller was busy go out as one: under load
-                # that saves a message per token through every process of the stream.
-                while isinstance(item, list) and ready and isinstance(ready[0], list):
-                    item = merge_steps(item, ready.popleft())
-                if item is _DROPPED:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                unfinished -= sum(delta.finish_reason is not None for delta in item)
-                yield item
+            async for deltas in relay_steps(outputs, request.num_return_sequences):
+                yield deltas
         finally:
             # Whether it finished or its reader left: the scheduler frees its rows.
             request.cancelled.set()
+
+    def close(self) -> None:
+        """Stops the scheduler after its current step; requests not finished fail."""
+        if self._scheduler is not None:
+            self._closed.set()
+            self._arrivals.put(None)
+            self._scheduler.join()
 
     def check_health(self) -> None:
         if self._model is None:
@@ -393,9 +393,12 @@ class TransformersEngine(Engine):
         waiting: deque[_Admission] = deque()
         batch: _Batch | None = None
         prefills: deque[_Prefill] = deque()  # the admitted wave, a group at a time
-        while True:
+        while not self._closed.is_set():
             if batch is None and not prefills and not waiting:
-                waiting.append(self._arrivals.get())  # idle: sleep until a request comes
+                arrival = self._arrivals.get()  # idle: sleep until a request comes
+                if arrival is None:  # close() woke the loop
+                    continue
+                waiting.append(arrival)
                 self._collect_arrivals(waiting, wait_s=self.config.batch_wait_timeout_s)
             else:
                 self._collect_arrivals(waiting, wait_s=0)
@@ -414,10 +417,9 @@ class TransformersEngine(Engine):
                     batch = self._step(batch)
                 self._failures_in_a_row = 0
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving others
-                failed = {id(s.admission): s.admission for s in (batch.sequences if batch else [])}
-                failed.update({id(a): a for prefill in prefills for a in prefill.admitted})
+                failed = self._admissions_in(batch, prefills)
                 logger.exception("decode step failed; failing its %d request(s)", len(failed))
-                for admission in failed.values():
+                for admission in failed:
                     admission.deliver(exc)
                 batch = None
                 prefills.clear()
@@ -427,6 +429,16 @@ class TransformersEngine(Engine):
                     # step failing (a CUDA error, a corrupted state) is not.
                     self._broken = f"{self._failures_in_a_row} decode steps in a row failed, the last with {exc!r}"
                     logger.error("engine broken: %s; the health check now fails", self._broken)
+        closed = RuntimeError("the engine was closed")
+        for admission in [*self._admissions_in(batch, prefills), *waiting]:
+            admission.deliver(closed)
+
+    @staticmethod
+    def _admissions_in(batch: _Batch | None, prefills: deque[_Prefill]) -> list[_Admission]:
+        """The requests with rows in ``batch`` or prompts in ``prefills``, each once."""
+        found = {id(s.admission): s.admission for s in (batch.sequences if batch else [])}
+        found.update({id(a): a for prefill in prefills for a in prefill.admitted})
+        return list(found.values())
 
     def _collect_arrivals(self, waiting: deque[_Admission], wait_s: float) -> None:
         """Moves new arrivals to ``waiting``; waits up to ``wait_s`` for more to come,
@@ -435,9 +447,11 @@ class TransformersEngine(Engine):
         while True:
             remaining = deadline - time.monotonic()
             try:
-                waiting.append(self._arrivals.get(timeout=remaining) if remaining > 0 else self._arrivals.get_nowait())
+                arrival = self._arrivals.get(timeout=remaining) if remaining > 0 else self._arrivals.get_nowait()
             except queue.Empty:
                 return
+            if arrival is not None:  # None: close() woke the loop
+                waiting.append(arrival)
 
     def _take_admissions(self, waiting: deque[_Admission], batch: _Batch | None) -> list[_Admission]:
         """The waiting requests that fit now, first come first served; those whose caller
@@ -451,7 +465,7 @@ class TransformersEngine(Engine):
         while waiting:
             request = waiting[0].request
             if request.cancelled.is_set():
-                waiting.popleft().deliver(_DROPPED)
+                waiting.popleft().deliver(END_OF_STEPS)
                 continue
             too_many = request.num_return_sequences > free
             too_long = admitted and prefill_tokens + len(request.prompt_token_ids) > MAX_PREFILL_TOKENS
@@ -550,7 +564,7 @@ class TransformersEngine(Engine):
             if not sequence.finished:
                 still_running.append(row)
         for admission in dropped.values():
-            admission.deliver(_DROPPED)
+            admission.deliver(END_OF_STEPS)
         for admission, deltas in per_request.values():
             admission.deliver(deltas)
         if not still_running:

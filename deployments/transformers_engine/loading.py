@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from deployments.model_source import (
     ModelLocation,
@@ -89,28 +90,50 @@ def prepare_embedded_model(target: Path | None = None) -> Path:
     return target
 
 
-def load_model_and_tokenizer(
-    location: ModelLocation,
-    device: str,
-    dtype: torch.dtype,
-    trust_remote_code: bool = False,
-) -> tuple[PreTrainedModel, object]:
-    """Loads a causal LM and its tokenizer onto ``device`` in eval mode.
+@contextlib.contextmanager
+def _loading_from(location: ModelLocation):
+    """Turns a failure to read ``location`` into a ModelLoadError naming it."""
+    try:
+        yield
+    except (OSError, ValueError, ModelSourceError) as exc:
+        where = location.path + (f" ({location.gguf_file})" if location.gguf_file else "")
+        raise ModelLoadError(f"could not load model from {location.kind} {where}: {exc}") from exc
 
-    Raises:
-        ModelLoadError: with the location and the underlying cause.
-    """
+
+def _source_kwargs(location: ModelLocation, trust_remote_code: bool) -> dict:
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if location.gguf_file:
         kwargs["gguf_file"] = location.gguf_file
     if location.revision:
         kwargs["revision"] = location.revision
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location.path, dtype=dtype, **kwargs)
-    except (OSError, ValueError, ModelSourceError) as exc:
-        where = location.path + (f" ({location.gguf_file})" if location.gguf_file else "")
-        raise ModelLoadError(f"could not load model from {location.kind} {where}: {exc}") from exc
+    return kwargs
+
+
+def load_tokenizer(location: ModelLocation, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Loads the tokenizer of the model at ``location``.
+
+    Raises:
+        ModelLoadError: with the location and the underlying cause.
+    """
+    with _loading_from(location):
+        return AutoTokenizer.from_pretrained(location.path, **_source_kwargs(location, trust_remote_code))
+
+
+def load_model(
+    location: ModelLocation,
+    device: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Loads a causal LM onto ``device`` in eval mode.
+
+    Raises:
+        ModelLoadError: with the location and the underlying cause.
+    """
+    with _loading_from(location):
+        model = AutoModelForCausalLM.from_pretrained(
+            location.path, dtype=dtype, **_source_kwargs(location, trust_remote_code)
+        )
     model.to(device)
     model.eval()
-    return model, tokenizer
+    return model

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -186,7 +187,32 @@ def replaced(app: str, deployment: str, victim: int) -> bool:
     return len(pids) == 2 and victim not in pids and running == 2
 
 
-def test_killing_a_model_replica_under_load(serve_base_url, tiny_model_dir):
+def engine_process_of(replica_pid: int) -> int:
+    """The PID of a model replica's engine process (its child running the model)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_text().split("\0")
+        except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
+            continue
+        if int(stat.rsplit(") ", 1)[1].split()[1]) == replica_pid and "deployments.engine_process" in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"replica {replica_pid} has no engine process")
+
+
+def exited(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("target", ["replica", "engine process"])
+def test_killing_a_model_replica_under_load(serve_base_url, tiny_model_dir, target):
+    """SIGKILL a model replica, or its engine process (the replica then exits too, so
+    the ingress retries elsewhere instead of failing requests until a health check)."""
     args = tiny_args(tiny_model_dir, num_replicas=2)
     url = deploy(serve_base_url, args, "faults")
     try:
@@ -211,8 +237,12 @@ def test_killing_a_model_replica_under_load(serve_base_url, tiny_model_dir):
             thread.start()
         time.sleep(2)
         victim, _ = two_replica_pids("faults", "Model-tiny")
+        engine_process = engine_process_of(victim)
         killed_at = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
+        os.kill(victim if target == "replica" else engine_process, signal.SIGKILL)
+        while not (exited(victim) and exited(engine_process)):
+            assert time.monotonic() - killed_at < 10, f"the {target}'s partner outlived it"
+            time.sleep(0.1)
         while not replaced("faults", "Model-tiny", victim):
             assert time.monotonic() - killed_at < 90, "Serve never replaced the replica"
             time.sleep(0.5)

@@ -267,7 +267,7 @@ def test_prefill_groups_keep_padding_small_and_short_prompts_first():
 
 def test_steps_a_slow_reader_missed_arrive_merged():
     from deployments.protocol import SequenceDelta
-    from deployments.transformers_engine.engine import merge_steps
+    from deployments.engine import merge_steps
 
     earlier = [SequenceDelta(0, "Hel", 2), SequenceDelta(1, "a", 2)]
     later = [SequenceDelta(0, "lo", 3, "length"), SequenceDelta(1, "", 3)]
