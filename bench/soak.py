@@ -42,12 +42,17 @@ from serve_app.args import AppArgs  # noqa: E402
 
 def replica_memory() -> dict[str, float]:
     """Resident memory (MiB) of each Serve replica process of the app, found in the GCS's
-    actor table (the state API would need the dashboard)."""
+    actor table (the state API would need the dashboard), and of each model replica's
+    engine process, which holds the model."""
     memory = {}
     for actor in ray._private.state.actors().values():
         if actor["State"] == "ALIVE" and actor["ActorClassName"].startswith("ServeReplica:soak:") and actor["Pid"]:
             name = f"{actor['ActorClassName'].split(':')[-1]} (pid {actor['Pid']})"
-            memory[name] = psutil.Process(actor["Pid"]).memory_info().rss / 2**20
+            replica = psutil.Process(actor["Pid"])
+            memory[name] = replica.memory_info().rss / 2**20
+            for child in replica.children():
+                if "deployments.engine_process" in child.cmdline():
+                    memory[f"{name}, engine process"] = child.memory_info().rss / 2**20
     return memory
 
 
