@@ -121,9 +121,13 @@ class EngineProcess(Engine):
         )
         child_end.close()
         self._connection, self._sender = own_end, _Sender(own_end)
-        self._sender.send(("start", self.config, self.device))
-        self._status, frontend_state = self._wait_until_loaded()
-        self._frontend.load_frontend(frontend_state)
+        try:
+            self._sender.send(("start", self.config, self.device))
+            self._status, frontend_state = self._wait_until_loaded()
+            self._frontend.load_frontend(frontend_state)
+        except BaseException:
+            self.close()
+            raise
         threading.Thread(target=self._read_forever, name="engine-process-reader", daemon=True).start()
         logger.info("engine process %d serves %s", self._process.pid, self.config.name)
 
@@ -140,7 +144,6 @@ class EngineProcess(Engine):
                 f"{self.config.name}; its log is the replica's"
             ) from None
         if message[0] == "load_failed":
-            self.close()
             raise message[1]
         _, status, frontend_state = message
         return status, frontend_state
@@ -162,14 +165,16 @@ class EngineProcess(Engine):
             for field in dataclasses.fields(request)
             if field.name not in _LOCAL_FIELDS
         }
+        ended = False
         try:
             self._send(("add", key, fields))
             async for deltas in relay_steps(stream.outputs, request.num_return_sequences):
                 yield deltas
+            ended = True  # every sequence finished, or the engine process dropped it
         finally:
             request.cancelled.set()
-            if self._streams.pop(key, None) is not None:
-                self._cancel(key)  # a no-op in the engine process if it has finished
+            if self._streams.pop(key, None) is not None and not ended:
+                self._cancel(key)
 
     def check_health(self) -> None:
         if self._process is None:

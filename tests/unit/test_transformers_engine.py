@@ -336,3 +336,18 @@ def test_steps_are_handed_over_at_most_once_per_stream_interval(tiny_model_dir):
     assert every_step[0] == 12
     assert held[0] == 2, "the first token, then the other 11 with the finish"
     assert held[1] == every_step[1]
+
+
+def test_close_fails_what_is_unfinished_and_stops_the_scheduler(tiny_model_dir):
+    engine = TransformersEngine(ModelConfig(source=str(tiny_model_dir), dtype="float32", stream_interval_s=0), "cpu")
+    engine.load()
+    prepared = engine.prepare(greedy(max_new_tokens=TINY_CONTEXT_LENGTH - 8))
+
+    async def close_midway():
+        async for _ in engine.generate(prepared):
+            await asyncio.to_thread(engine.close)
+
+    with pytest.raises(RuntimeError, match="the engine was closed"):
+        asyncio.run(close_midway())
+    with pytest.raises(RuntimeError, match="scheduler thread has stopped"):
+        engine.check_health()
