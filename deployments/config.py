@@ -89,8 +89,8 @@ class ModelConfig(BaseModel):
         description=(
             "Least time between two hand-overs of a request's new tokens from the engine to "
             "its caller (the first and the last go at once); tokens generated meanwhile go "
-            "out together. Each hand-over costs the replica Python work that stalls the "
-            "decode loop; 0 sends every step."
+            "out together. Each hand-over wakes the replica, the ingress and the proxy, whose "
+            "work stalls torch's threads on a small node; 0 sends every step."
         ),
     )
     engine_process: bool = Field(

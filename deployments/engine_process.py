@@ -232,7 +232,10 @@ class EngineProcess(Engine):
                     stream.request.timings.batch_started_at = batch_started_at
                 stream.put(END_OF_STEPS if item == _END else item)
             elif kind == "metric":
-                metrics.record_by_name(message[1], message[2])
+                try:
+                    metrics.record_by_name(message[1], message[2])
+                except Exception:  # noqa: BLE001 - a metric must never stop the relay
+                    logger.exception("could not record metric %s from the engine process", message[1])
             elif kind == "health":
                 self._problem = message[1]
         code = self._process.wait()
