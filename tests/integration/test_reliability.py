@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -26,6 +25,7 @@ from schemathesis.specs.openapi.checks import (
 
 from serve_app.args import AppArgs, IngressArgs, ModelArgs, RateLimitArgs
 from tests.fakes import FAKE_ENGINE, fake_source
+from tests.processes import engine_process_of, exited
 from tests.integration.conftest import deploy, deploy_in_background
 
 pytestmark = pytest.mark.integration
@@ -185,28 +185,6 @@ def replaced(app: str, deployment: str, victim: int) -> bool:
     pids = replica_pids(app, deployment)
     running = serve.status().applications[app].deployments[deployment].replica_states.get("RUNNING", 0)
     return len(pids) == 2 and victim not in pids and running == 2
-
-
-def engine_process_of(replica_pid: int) -> int:
-    """The PID of a model replica's engine process (its child running the model)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_text().split("\0")
-        except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
-            continue
-        if int(stat.rsplit(") ", 1)[1].split()[1]) == replica_pid and "deployments.engine_process" in cmdline:
-            return int(entry.name)
-    raise AssertionError(f"replica {replica_pid} has no engine process")
-
-
-def exited(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 @pytest.mark.parametrize("target", ["replica", "engine process"])

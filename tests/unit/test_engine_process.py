@@ -19,6 +19,7 @@ from deployments.protocol import GenerationParams, InvalidRequestError
 from deployments.transformers_engine import TransformersEngine
 from deployments.transformers_engine.loading import ModelLoadError
 from tests.fakes import FAKE_ENGINE, FakeDecodeError, fake_source
+from tests.processes import exited, stat_fields
 from tests.tiny_model import TINY_CONTEXT_LENGTH
 from tests.unit.test_transformers_engine import greedy, run
 
@@ -192,19 +193,11 @@ def test_the_engine_process_exits_when_its_replica_dies():
         replica.kill()
         replica.wait()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(child):
+        while time.monotonic() < deadline and not exited(child):
             time.sleep(0.1)
-        assert not _alive(child), "the engine process outlived its replica"
+        assert exited(child), "the engine process outlived its replica"
     finally:
         replica.kill()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1][0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
 
 
 def test_the_engine_process_runs_at_its_configured_niceness():
@@ -214,7 +207,7 @@ def test_the_engine_process_runs_at_its_configured_niceness():
     engine.load()
     try:
         tasks = f"/proc/{engine._process.pid}/task"
-        nice = {int(open(f"{tasks}/{thread}/stat").read().rsplit(") ", 1)[1].split()[16]) for thread in os.listdir(tasks)}
+        nice = {int(stat_fields(f"{tasks}/{thread}/stat")[16]) for thread in os.listdir(tasks)}
         assert nice == {7}
     finally:
         engine.close()
