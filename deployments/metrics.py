@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ray.util import metrics
 
+    from deployments.autoscaling import GenerationLoadReport
+
 # From a cached 5 ms answer to a long generation on a busy CPU.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -36,6 +38,13 @@ def _histogram(
     from ray.util import metrics
 
     return metrics.Histogram(name, description=description, boundaries=list(boundaries), tag_keys=tag_keys)
+
+
+@functools.cache
+def _gauge(name: str, description: str, tag_keys: tuple[str, ...]) -> metrics.Gauge:
+    from ray.util import metrics
+
+    return metrics.Gauge(name, description=description, tag_keys=tag_keys)
 
 
 # The ingress side.
@@ -122,6 +131,23 @@ def record_model_load(model: str, seconds: float) -> None:
         MODEL_LOAD_BUCKETS_S,
         ("model",),
     ).observe(seconds, tags={"model": model})
+
+
+def record_generation_load(model: str, report: GenerationLoadReport) -> None:
+    """What one replica holds, as the generation autoscaling policy sees it:
+    ``textgen_sequences{state=running|waiting}`` and ``textgen_token_backlog`` (prompt
+    tokens to prefill plus new tokens owed). Gauges per replica: sum them by model."""
+    sequences = _gauge(
+        "textgen_sequences", "Sequences a model replica holds, running or waiting for a batch row.",
+        ("model", "state"),
+    )
+    sequences.set(report.running_sequences, tags={"model": model, "state": "running"})
+    sequences.set(report.waiting_sequences, tags={"model": model, "state": "waiting"})
+    _gauge(
+        "textgen_token_backlog",
+        "Tokens a model replica owes: prompt tokens to prefill plus new tokens still to generate.",
+        ("model",),
+    ).set(report.token_backlog, tags={"model": model})
 
 
 # Every recorder above; an engine process hands its calls to its replica.

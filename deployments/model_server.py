@@ -7,12 +7,14 @@ A plain class; only the app builder wraps it with `serve.deployment`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
 
 from deployments import metrics
+from deployments.autoscaling import GenerationLoadReport
 from deployments.config import ModelConfig
 from deployments.engine import PreparedRequest, import_engine_class
 from deployments.engine_process import EngineProcess
@@ -53,6 +55,66 @@ async def collect_result(
     )
 
 
+class _Owed:
+    """What the replica still owes one request: its prompt until the first step comes
+    back (prefill), then each unfinished sequence's remaining new tokens."""
+
+    def __init__(self, prepared: PreparedRequest) -> None:
+        self.prompt_tokens = len(prepared.prompt_token_ids)
+        self.max_new_tokens = prepared.max_new_tokens
+        self.generated = [0] * prepared.num_return_sequences
+        self.finished = [False] * prepared.num_return_sequences
+        self.started = False
+
+    def observe(self, deltas: list[SequenceDelta]) -> int:
+        """Takes a step's deltas; returns the tokens they add."""
+        self.started = True
+        added = 0
+        for delta in deltas:
+            added += delta.completion_tokens - self.generated[delta.index]
+            self.generated[delta.index] = delta.completion_tokens
+            self.finished[delta.index] = delta.finish_reason is not None
+        return added
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.generated)
+
+    @property
+    def all_finished(self) -> bool:
+        return all(self.finished)
+
+
+class GenerationLoad:
+    """The requests a replica holds and what it still owes them: the load it reports
+    to the autoscaling policy (deployments.autoscaling) and to Prometheus."""
+
+    def __init__(self) -> None:
+        self._requests: set[_Owed] = set()
+
+    @contextlib.contextmanager
+    def holding(self, prepared: PreparedRequest):
+        """Counts the request while the block runs; yields its `_Owed`."""
+        owed = _Owed(prepared)
+        self._requests.add(owed)
+        try:
+            yield owed
+        finally:
+            self._requests.discard(owed)
+
+    def report(self) -> GenerationLoadReport:
+        running = waiting = backlog = 0
+        for owed in self._requests:
+            unfinished = [g for g, done in zip(owed.generated, owed.finished, strict=True) if not done]
+            backlog += sum(owed.max_new_tokens - generated for generated in unfinished)
+            if owed.started:
+                running += len(unfinished)
+            else:
+                waiting += len(unfinished)
+                backlog += owed.prompt_tokens
+        return GenerationLoadReport(running, waiting, backlog)
+
+
 class ModelServer:
     """Serves one model: loads it at start, then answers generate calls.
 
@@ -63,6 +125,7 @@ class ModelServer:
 
     def __init__(self, config: ModelConfig, device: str) -> None:
         self._config = config
+        self._load = GenerationLoad()
         started = time.perf_counter()
         if config.engine_process:
             self._engine = EngineProcess(config, device, on_exit=self._exit_with_engine)
@@ -84,15 +147,8 @@ class ModelServer:
             InvalidRequestError: the request does not fit the model (e.g. its context).
         """
         prepared = self._engine.prepare(params)
-        result = None
-        try:
-            result = await collect_result(self._config.name, prepared, self._request_deltas(prepared))
-            return result
-        finally:
-            # Also reached when Serve cancels this call (client gone, caller gave up):
-            # the engine then stops spending compute on the request.
-            prepared.cancelled.set()
-            self._log_request(prepared, result.completion_tokens if result else None, finished=result is not None)
+        async with contextlib.aclosing(self._serve(prepared)) as steps:
+            return await collect_result(self._config.name, prepared, steps)
 
     async def generate_stream(
         self, params: GenerationParams
@@ -103,64 +159,65 @@ class ModelServer:
         answer an invalid request with a real status code.
         """
         prepared = self._engine.prepare(params)
-        completion_tokens: dict[int, int] = {}
-        finished = 0
-        try:
-            yield StreamStart(model=self._config.name, prompt_tokens=len(prepared.prompt_token_ids))
-            async for deltas in self._request_deltas(prepared):
-                completion_tokens.update((d.index, d.completion_tokens) for d in deltas)
-                finished += sum(d.finish_reason is not None for d in deltas)
+        yield StreamStart(model=self._config.name, prompt_tokens=len(prepared.prompt_token_ids))
+        async with contextlib.aclosing(self._serve(prepared)) as steps:
+            async for deltas in steps:
                 yield deltas
-        finally:
-            prepared.cancelled.set()
-            self._log_request(
-                prepared,
-                sum(completion_tokens.values()),
-                finished=finished == prepared.num_return_sequences,
-            )
 
-    def _log_request(self, prepared: PreparedRequest, completion_tokens: int | None, finished: bool) -> None:
-        """One line per request on the model side, under the ingress's request id.
-        ``completion_tokens`` counts what was delivered (unknown when a non-streaming
-        call was cancelled); ``cancelled=True`` means its caller left before the end."""
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this every ``look_back_period_s`` / 5 when the deployment
+        autoscales: the load the generation policy scales on, also exported as gauges."""
+        report = self._load.report()
+        metrics.record_generation_load(self._config.name, report)
+        return report.as_stats()
+
+    async def _serve(self, prepared: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
+        """The request's steps from the engine: the one place that keeps a request's
+        books (its load, metrics and log line). Deltas with no text (and no finish)
+        count their tokens but are not passed on. Closing it early (the caller left, or
+        gave up) cancels the generation in the engine."""
+        model = self._config.name
+        timings = prepared.timings
+        metrics.record_prompt_tokens(model, len(prepared.prompt_token_ids))
+        with self._load.holding(prepared) as owed:
+            try:
+                async for deltas in self._engine.generate(prepared):
+                    if timings.first_token_at is None:
+                        timings.first_token_at = time.monotonic()
+                        metrics.record_time_to_first_token(model, timings.first_token_at - timings.received_at)
+                        if timings.batch_started_at is not None:
+                            metrics.record_queue_time(model, timings.batch_started_at - timings.received_at)
+                    new_tokens = owed.observe(deltas)
+                    if new_tokens:
+                        metrics.record_completion_tokens(model, new_tokens)
+                    visible = [delta for delta in deltas if delta.text or delta.finish_reason]
+                    if visible:
+                        yield visible
+            finally:
+                # Also reached when Serve cancels the call (client gone, caller gave
+                # up): the engine then stops spending compute on the request.
+                prepared.cancelled.set()
+                self._log_request(prepared, owed)
+
+    def _log_request(self, prepared: PreparedRequest, owed: _Owed) -> None:
+        """One line per request on the model side, under the ingress's request id;
+        ``cancelled=True`` means its caller left before the end."""
         timings = prepared.timings
 
         def since_received(moment: float | None) -> str:
             return "-" if moment is None else f"{(moment - timings.received_at) * 1000:.1f}"
 
         logger.info(
-            "request_id=%s prompt_tokens=%d completion_tokens=%s queue_ms=%s ttft_ms=%s "
+            "request_id=%s prompt_tokens=%d completion_tokens=%d queue_ms=%s ttft_ms=%s "
             "total_ms=%.1f cancelled=%s",
             prepared.request_id,
-            len(prepared.prompt_token_ids),
-            "-" if completion_tokens is None else completion_tokens,
+            owed.prompt_tokens,
+            owed.completion_tokens,
             since_received(timings.batch_started_at),
             since_received(timings.first_token_at),
             (time.monotonic() - timings.received_at) * 1000,
-            not finished,
+            not owed.all_finished,
         )
-
-    async def _request_deltas(self, prepared: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
-        """The request's steps from the engine, with its metrics; deltas with no text
-        (and no finish) count their tokens but are not passed on."""
-        model = self._config.name
-        timings = prepared.timings
-        metrics.record_prompt_tokens(model, len(prepared.prompt_token_ids))
-        counted = [0] * prepared.num_return_sequences
-        async for deltas in self._engine.generate(prepared):
-            if timings.first_token_at is None:
-                timings.first_token_at = time.monotonic()
-                metrics.record_time_to_first_token(model, timings.first_token_at - timings.received_at)
-                if timings.batch_started_at is not None:
-                    metrics.record_queue_time(model, timings.batch_started_at - timings.received_at)
-            new_tokens = sum(delta.completion_tokens - counted[delta.index] for delta in deltas)
-            for delta in deltas:
-                counted[delta.index] = delta.completion_tokens
-            if new_tokens:
-                metrics.record_completion_tokens(model, new_tokens)
-            visible = [delta for delta in deltas if delta.text or delta.finish_reason]
-            if visible:
-                yield visible
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy."""
@@ -181,3 +238,5 @@ class ModelServer:
         engine = getattr(self, "_engine", None)  # absent when loading failed
         if engine is not None:
             engine.close()
+            # This replica's gauges would otherwise keep its last load after it is gone.
+            metrics.record_generation_load(self._config.name, GenerationLoadReport(0, 0, 0))

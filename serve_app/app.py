@@ -52,7 +52,7 @@ def model_deployment_options(model: ModelArgs, accelerator: Literal["gpu", "cpu"
         "max_constructor_retry_count": MODEL_START_ATTEMPTS,
     }
     if model.autoscaling is not None:
-        options["autoscaling_config"] = model.autoscaling.model_dump(exclude_none=True)
+        options["autoscaling_config"] = model.autoscaling.to_serve_config(model.max_batch_size)
     else:
         options["num_replicas"] = model.num_replicas
     return options
@@ -64,8 +64,8 @@ def build_app(args: AppArgs) -> Application:
     models = {}
     for model in args.models:
         accelerator = resolve_accelerator(model.accelerator, cluster_gpus)
-        device = "cuda" if accelerator == "gpu" else "cpu"
-        logger.info("model %s: source %s on %s", model.name, model.source, device)
+        device = "cuda" if accelerator == "gpu" and model.device == "auto" else "cpu"
+        logger.info("model %s: source %s on %s, reserving a %s", model.name, model.source, device, accelerator)
         deployment = serve.deployment(ModelServer, **model_deployment_options(model, accelerator))
         models[model.name] = deployment.bind(model.to_model_config(), device)
     ingress = serve.deployment(
@@ -78,4 +78,7 @@ def build_app(args: AppArgs) -> Application:
         max_ongoing_requests=args.ingress.max_ongoing_requests + INGRESS_HEADROOM,
         graceful_shutdown_timeout_s=args.ingress.graceful_shutdown_timeout_s,
     )
-    return ingress.bind(models, args.rate_limits, args.auth, args.ingress)
+    scale_to_zero = frozenset(
+        model.name for model in args.models if model.autoscaling is not None and model.autoscaling.min_replicas == 0
+    )
+    return ingress.bind(models, args.rate_limits, args.auth, args.ingress, scale_to_zero)

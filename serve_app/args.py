@@ -17,26 +17,85 @@ from serve_app.rate_limit import Quota
 Accelerator = Literal["auto", "gpu", "cpu"]
 
 
+AutoscalingPolicyName = Literal["generation", "ongoing_requests"]
+# Serve's own policy: it ignores our targets and counts requests in flight.
+GENERATION_POLICY = "deployments.autoscaling:GenerationLoadPolicy"
+# A full batch of rows, each owing this many tokens: the default token backlog target.
+DEFAULT_BACKLOG_TOKENS_PER_ROW = 256
+
+
 class AutoscalingArgs(BaseModel):
-    """Serve autoscaling for a model deployment (passed to Serve's autoscaling_config)."""
+    """Serve autoscaling for a model deployment (becomes Serve's autoscaling_config)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas kept running.")
+    min_replicas: int = Field(
+        default=1,
+        ge=0,
+        description=(
+            "Fewest replicas kept running; 0 lets an idle model scale to zero (the first "
+            "request after that waits for a replica to start, up to its deadline)."
+        ),
+    )
     max_replicas: int = Field(default=1, ge=1, description="Most replicas Serve may start.")
     initial_replicas: int | None = Field(
         default=None, ge=0, description="Replicas at deploy time; unset means min_replicas."
     )
-    target_ongoing_requests: float = Field(
-        default=8,
+    policy: AutoscalingPolicyName = Field(
+        default="generation",
+        description=(
+            "`generation`: scale on what each replica reports it holds, sequences (running "
+            "plus waiting) against target_sequences and token backlog (prompt tokens to "
+            "prefill plus new tokens owed) against target_token_backlog. `ongoing_requests`: "
+            "Serve's default policy, requests in flight against target_ongoing_requests."
+        ),
+    )
+    target_sequences: float | None = Field(
+        default=None,
         gt=0,
-        description="In-flight requests per replica Serve aims for; above it, it adds replicas.",
+        description="Sequences per replica the generation policy aims for; unset means max_batch_size.",
+    )
+    target_token_backlog: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Tokens owed per replica (prompt tokens to prefill plus new tokens still to "
+            f"generate) the generation policy aims for; unset means max_batch_size x "
+            f"{DEFAULT_BACKLOG_TOKENS_PER_ROW}."
+        ),
+    )
+    target_ongoing_requests: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Requests in flight per replica the ongoing_requests policy aims for; unset "
+            "means max_batch_size."
+        ),
+    )
+    metrics_interval_s: float = Field(
+        default=10,
+        gt=0,
+        description=(
+            "How often replicas and callers report their load to Serve's controller; no "
+            "decision reacts faster. (Serve 2.60 reads it here; it plans to move it to "
+            "environment variables.)"
+        ),
+    )
+    look_back_period_s: float = Field(
+        default=30,
+        gt=0,
+        description="Window over which the reported load is averaged for each decision; longer than metrics_interval_s.",
     )
     upscale_delay_s: float = Field(
         default=10, ge=0, description="How long load must stay high before scaling up."
     )
     downscale_delay_s: float = Field(
         default=60, ge=0, description="How long load must stay low before scaling down."
+    )
+    downscale_to_zero_delay_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="How long load must stay nil before the last replica goes (min_replicas 0); unset means downscale_delay_s.",
     )
 
     @model_validator(mode="after")
@@ -55,6 +114,58 @@ class AutoscalingArgs(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _targets_match_the_policy(self) -> "AutoscalingArgs":
+        if self.policy == "generation" and self.target_ongoing_requests is not None:
+            raise ValueError(
+                "target_ongoing_requests applies to policy: ongoing_requests; the generation "
+                "policy aims for target_sequences and target_token_backlog. Set policy: "
+                "ongoing_requests, or replace target_ongoing_requests with target_sequences"
+            )
+        if self.policy == "ongoing_requests" and (
+            self.target_sequences is not None or self.target_token_backlog is not None
+        ):
+            raise ValueError(
+                "target_sequences and target_token_backlog apply to policy: generation; "
+                "remove them or set policy: generation"
+            )
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(
+                f"look_back_period_s ({self.look_back_period_s}) must exceed metrics_interval_s "
+                f"({self.metrics_interval_s}), or a window may hold no report; raise the one or lower the other"
+            )
+        if self.downscale_to_zero_delay_s is not None and self.min_replicas > 0:
+            raise ValueError("downscale_to_zero_delay_s applies only with min_replicas: 0")
+        return self
+
+    def to_serve_config(self, max_batch_size: int) -> dict:
+        """Serve's autoscaling_config; targets left unset follow the batch size."""
+        config = self.model_dump(
+            include={
+                "min_replicas", "max_replicas", "initial_replicas", "look_back_period_s",
+                "upscale_delay_s", "downscale_delay_s", "downscale_to_zero_delay_s",
+            },
+            exclude_none=True,
+        )
+        if "metrics_interval_s" in self.model_fields_set:  # else Serve warns it is deprecated
+            config["metrics_interval_s"] = self.metrics_interval_s
+        if self.policy == "ongoing_requests":
+            config["target_ongoing_requests"] = self.target_ongoing_requests or max_batch_size
+            return config
+        target_sequences = self.target_sequences or max_batch_size
+        # Serve records this target as a gauge whatever the policy; the sequence target
+        # is the generation policy's counterpart of it.
+        config["target_ongoing_requests"] = target_sequences
+        config["policy"] = {
+            "policy_function": GENERATION_POLICY,
+            "policy_kwargs": {
+                "target_sequences": target_sequences,
+                "target_token_backlog": self.target_token_backlog
+                or max_batch_size * DEFAULT_BACKLOG_TOKENS_PER_ROW,
+            },
+        }
+        return config
+
 
 class ModelArgs(ModelConfig):
     """One model deployment: the model (ModelConfig) plus how Serve places and scales it."""
@@ -62,9 +173,19 @@ class ModelArgs(ModelConfig):
     accelerator: Accelerator = Field(
         default="auto",
         description=(
-            "`gpu` gives each replica one GPU (num_gpus: 1); `cpu` none; `auto` picks gpu "
-            "when the cluster has a GPU at deploy time (on clusters that add GPU nodes on "
-            "demand, say `gpu`)."
+            "What each replica reserves from Ray's scheduler: `gpu` one GPU (num_gpus: 1), "
+            "`cpu` none, `auto` gpu when the cluster has a GPU at deploy time (on clusters "
+            "that add GPU nodes on demand, say `gpu`). `device` says where it computes."
+        ),
+    )
+    device: Literal["auto", "cpu"] = Field(
+        default="auto",
+        description=(
+            "Where a replica computes: `auto` on the GPU it reserves (see accelerator), else "
+            "on the CPU; `cpu` always on the CPU, even when it reserves a GPU. That keeps "
+            "one replica per GPU node on clusters whose nodes advertise GPUs they cannot "
+            "use for this (CPU-only staging clusters, the simulated cluster of "
+            "bench/simulated_cluster.py)."
         ),
     )
     num_cpus: float = Field(

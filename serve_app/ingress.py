@@ -17,8 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import DeploymentStatus, ReplicaState
 
-from deployments.protocol import ModelStatus, SequenceDelta
+from deployments.protocol import SequenceDelta
 from deployments.settings import get_settings
 from serve_app import streaming
 from serve_app.access import AccessControl, AccessMiddleware, build_access_control
@@ -47,6 +48,8 @@ class Ingress:
         models: model name to the handle of its deployment; the first is the default.
         rate_limits: rate limits and token quotas.
         auth: API keys.
+        limits: the ingress's own limits and deadlines.
+        scale_to_zero: models whose deployments may scale to zero replicas.
     """
 
     def __init__(
@@ -55,17 +58,20 @@ class Ingress:
         rate_limits: RateLimitArgs,
         auth: AuthArgs,
         limits: IngressArgs | None = None,
+        scale_to_zero: frozenset[str] = frozenset(),
     ) -> None:
         self._models = dict(models)
         self._default_model = next(iter(self._models))
         self._rate_limits = rate_limits
         self._auth = auth
         self.limits = limits or IngressArgs()
+        self._scale_to_zero = scale_to_zero
+        self._app_name: str | None = None
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         # Built in the replica: the environment (keys, TEXTGEN_RATE_LIMIT) is the replica's,
         # and the limiter's store is named after the application.
-        app_name = serve.get_replica_context().app_name
+        app_name = self._app_name = serve.get_replica_context().app_name
         access = build_access_control(self._rate_limits, self._auth, get_settings(), app_name)
         if access.limiter is not None:
             await access.limiter.connect()
@@ -109,18 +115,37 @@ class Ingress:
         request.state.model = name
         return handle
 
-    async def model_statuses(self, timeout_s: float) -> dict[str, ModelStatus | None]:
-        """Each model's status, or None where no replica answered within ``timeout_s``
-        (a replica that is still loading its weights cannot answer)."""
+    async def model_readiness(self, timeout_s: float) -> dict[str, dict | None]:
+        """Each model's readiness: its replica's status, or None where no replica
+        answered within ``timeout_s`` (a replica still loading cannot answer).
 
-        async def status_of(handle: DeploymentHandle) -> ModelStatus | None:
+        A model that may scale to zero is never asked through its handle: with no
+        replica, the call would wait in the handle's queue and start one, so every
+        probe would wake the model up. Serve's controller says instead whether its
+        deployment is healthy; it is ready with no replica, since a request then
+        waits for one to start."""
+
+        async def status_of(name: str, handle: DeploymentHandle) -> dict | None:
             try:
-                return await asyncio.wait_for(handle.status.remote(), timeout_s)
+                if name in self._scale_to_zero:
+                    return await asyncio.wait_for(asyncio.to_thread(self._on_demand_status, handle), timeout_s)
+                return dataclasses.asdict(await asyncio.wait_for(handle.status.remote(), timeout_s))
             except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - not ready, whatever the cause
                 return None
 
-        statuses = await asyncio.gather(*(status_of(h) for h in self._models.values()))
+        statuses = await asyncio.gather(*(status_of(*item) for item in self._models.items()))
         return dict(zip(self._models, statuses, strict=True))
+
+    def _on_demand_status(self, handle: DeploymentHandle) -> dict | None:
+        """A scale-to-zero model's deployment as Serve's controller sees it (blocking)."""
+        deployment = serve.status().applications[self._app_name].deployments[handle.deployment_name]
+        if deployment.status in (DeploymentStatus.UNHEALTHY, DeploymentStatus.DEPLOY_FAILED):
+            return None
+        return {
+            "scales_to_zero": True,
+            "deployment_status": str(deployment.status.value),
+            "running_replicas": deployment.replica_states.get(ReplicaState.RUNNING, 0),
+        }
 
 
 def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
@@ -155,15 +180,9 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
         },
     )
     async def readyz() -> JSONResponse:
-        statuses = await ingress.model_statuses(READINESS_TIMEOUT_S)
+        statuses = await ingress.model_readiness(READINESS_TIMEOUT_S)
         ready = all(status is not None for status in statuses.values())
-        body = {
-            "status": "ready" if ready else "loading",
-            "models": {
-                name: dataclasses.asdict(status) if status else None
-                for name, status in statuses.items()
-            },
-        }
+        body = {"status": "ready" if ready else "loading", "models": statuses}
         return JSONResponse(
             body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"}
         )

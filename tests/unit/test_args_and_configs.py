@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import ValidationError
+from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import build_app, model_deployment_options, resolve_accelerator
@@ -108,16 +109,67 @@ def test_deployment_options_carry_scaling_and_concurrency():
 
 
 def test_builder_binds_one_deployment_per_model_behind_the_ingress():
-    app = build_app(AppArgs(models=[ModelArgs(name="a"), ModelArgs(name="b/c")]))
+    on_demand = ModelArgs(name="b/c", autoscaling=AutoscalingArgs(min_replicas=0, max_replicas=2))
+    app = build_app(AppArgs(models=[ModelArgs(name="a"), on_demand]))
     ingress = app._bound_deployment
     assert ingress.name == "Ingress"
-    models, rate_limits, auth, limits = ingress.init_args
+    models, rate_limits, auth, limits, scale_to_zero = ingress.init_args
     assert limits.max_ongoing_requests == 256
     assert rate_limits.default.requests == ["10/minute"] and not auth.enabled
+    assert scale_to_zero == {"b/c"}, "readiness must not wake a model scaled to zero"
     assert list(models) == ["a", "b/c"]
     assert [bound._bound_deployment.name for bound in models.values()] == ["Model-a", "Model-b-c"]
     config, device = models["a"]._bound_deployment.init_args
     assert device == "cpu" and config.name == "a" and not hasattr(config, "accelerator")
+
+
+def test_a_replica_can_reserve_a_gpu_and_compute_on_the_cpu():
+    staged = ModelArgs(name="staged", accelerator="gpu", device="cpu")
+    app = build_app(AppArgs(models=[staged, ModelArgs(name="real", accelerator="gpu")]))
+    models = app._bound_deployment.init_args[0]
+    staged_model, real_model = models["staged"]._bound_deployment, models["real"]._bound_deployment
+    assert staged_model.ray_actor_options["num_gpus"] == 1 and staged_model.init_args[1] == "cpu"
+    assert real_model.ray_actor_options["num_gpus"] == 1 and real_model.init_args[1] == "cuda"
+    with pytest.raises(ValidationError, match="'auto' or 'cpu'"):
+        ModelArgs(device="cuda")
+
+
+def test_generation_policy_is_the_default_with_targets_from_the_batch_size():
+    config = model_deployment_options(ModelArgs(max_batch_size=8), "cpu")["autoscaling_config"]
+    assert config["policy"] == {
+        "policy_function": "deployments.autoscaling:GenerationLoadPolicy",
+        "policy_kwargs": {"target_sequences": 8, "target_token_backlog": 8 * 256},
+    }
+    explicit = AutoscalingArgs(
+        target_sequences=4, target_token_backlog=1000, metrics_interval_s=1, look_back_period_s=5
+    )
+    config = explicit.to_serve_config(max_batch_size=8)
+    assert config["policy"]["policy_kwargs"] == {"target_sequences": 4, "target_token_backlog": 1000}
+    assert (config["metrics_interval_s"], config["look_back_period_s"]) == (1, 5)
+    # Serve validates the result, and imports the policy from its path.
+    AutoscalingConfig(**config)
+
+
+def test_serves_own_policy_stays_available():
+    config = AutoscalingArgs(policy="ongoing_requests", target_ongoing_requests=5).to_serve_config(8)
+    assert "policy" not in config and config["target_ongoing_requests"] == 5
+    assert AutoscalingConfig(**config).policy.is_default_policy_function()
+    assert AutoscalingArgs(policy="ongoing_requests").to_serve_config(8)["target_ongoing_requests"] == 8
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"target_ongoing_requests": 8}, "Set policy: ongoing_requests"),
+        ({"policy": "ongoing_requests", "target_token_backlog": 100}, "remove them or set policy: generation"),
+        ({"downscale_to_zero_delay_s": 5}, "only with min_replicas: 0"),
+        ({"look_back_period_s": 5}, "must exceed metrics_interval_s"),
+        ({"policy": "latency"}, "'generation' or 'ongoing_requests'"),
+    ],
+)
+def test_autoscaling_targets_must_match_the_policy(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        AutoscalingArgs(**fields)
 
 
 @pytest.mark.parametrize(
