@@ -23,13 +23,14 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 SYSTEM_PACKAGES := redis-server prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup serve test bench system-packages clean
+.PHONY: help setup serve simulate test bench system-packages clean
 
 help:
 	@echo "make serve  - install what is missing, then serve configs/serve.yaml on 127.0.0.1:8000"
 	@echo "make test   - install what is missing (test tools too), then run the tests"
 	@echo "make setup  - install only: .venv, CPU torch, the project, the embedded model"
 	@echo "make bench  - throughput benchmark: the service vs the seed design vs the in-process engine"
+	@echo "make simulate - a simulated GPU cluster on this machine: watch nodes and replicas scale (Ctrl-C stops)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +70,9 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 
 bench: setup $(VENV)/.installed-bench
 	$(BIN)/python bench/throughput.py
+
+simulate: setup $(VENV)/.installed-bench
+	$(BIN)/python -m bench.simulated_cluster
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -23,8 +23,10 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -146,6 +148,7 @@ class SimulatedCluster:
 
     def start(self) -> None:
         """Starts the head (a few seconds); GPU nodes follow demand."""
+        Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
         config_path = Path(self.temp_dir) / "autoscaler.json"
         config_path.write_text(json.dumps(self.autoscaler_config()))
         head = {name: value for name, value in self.head_resources.items() if name not in ("CPU", "GPU")}
@@ -258,6 +261,19 @@ class SimulatedCluster:
             counts[replica] = sum("request_id=" in line for line in log.read_text(errors="replace").splitlines())
         return counts
 
+    def first_tokens(self, app: str, deployment: str) -> dict[str, float]:
+        """Each replica's first token (wall-clock seconds), from its request log lines:
+        one is written as a request ends, with its ttft and total milliseconds."""
+        firsts = {}
+        for log in (self.logs_dir / "serve").glob(f"replica_{app}_{deployment}_*.log"):
+            for line in log.read_text(errors="replace").splitlines():
+                if match := _REQUEST_LOG_LINE.match(line):
+                    ended = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    first = ended - float(match[3]) / 1000 + float(match[2]) / 1000
+                    replica = log.stem.removeprefix(f"replica_{app}_{deployment}_")
+                    firsts[replica] = min(firsts.get(replica, first), first)
+        return firsts
+
     @staticmethod
     def wait_for(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.5):
         """Polls ``condition`` until it is truthy; returns its value."""
@@ -268,6 +284,12 @@ class SimulatedCluster:
                 return value
             time.sleep(interval_s)
         raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+
+
+# A model replica's line per request (ModelServer._log_request), in Ray's log format.
+_REQUEST_LOG_LINE = re.compile(
+    r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*request_id=\S+ .*ttft_ms=([\d.]+) total_ms=([\d.]+)"
+)
 
 
 def _alive(pid: int) -> bool:
@@ -284,7 +306,7 @@ class Timeline:
 
     def __init__(self, cluster: SimulatedCluster, app: str, deployment: str, interval_s: float = 0.5) -> None:
         self.cluster, self.app, self.deployment, self.interval_s = cluster, app, deployment, interval_s
-        self.started = time.monotonic()
+        self.started, self._started_wall = time.monotonic(), time.time()
         self.events: list[tuple[float, str, int]] = []  # (seconds, "gpu_nodes" | "running_replicas", count)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="timeline", daemon=True)
@@ -299,6 +321,10 @@ class Timeline:
 
     def now(self) -> float:
         return time.monotonic() - self.started
+
+    def at(self, wall_clock: float) -> float:
+        """A wall-clock moment in seconds since ``started``."""
+        return wall_clock - self._started_wall
 
     def latest(self, kind: str) -> int:
         return next((count for _, k, count in reversed(self.events) if k == kind), 0)
@@ -398,62 +424,80 @@ def summarize(outcomes: list[Outcome]) -> dict:
     }
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the cluster's `with` block stops its processes."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def demo(args: argparse.Namespace) -> None:
     """Starts the cluster, deploys the simulated config, drives a burst of clients and
-    prints every change of GPU nodes and running replicas until Ctrl-C."""
+    prints every change of GPU nodes and running replicas, then how long each replica
+    took from its GPU node coming up to its first token; runs until Ctrl-C (or, with
+    --until-idle, until no GPU node is left)."""
     config = load_serve_config(port=args.port)
     app = config["applications"][0]["name"]
-    model = config["applications"][0]["args"]["models"][0]
-    deployment = "Model-" + model["name"]
+    deployment = "Model-" + config["applications"][0]["args"]["models"][0]["name"]
     url = f"http://127.0.0.1:{args.port}"
     with SimulatedCluster(dashboard_port=args.dashboard_port, temp_dir=args.temp_dir) as cluster:
-        print(f"cluster up: dashboard {cluster.dashboard_url}, metrics 127.0.0.1:{cluster.metrics_port}")
-        print(f"  serve status:  RAY_AUTH_MODE=disabled .venv/bin/serve status -a {cluster.dashboard_url}")
-        print(f"  prometheus:    targets in {cluster.temp_dir}/prom_metrics_service_discovery.json")
+        print(f"cluster up: the dashboard on {cluster.dashboard_url}; watch it with")
+        print(f"  RAY_AUTH_MODE=disabled .venv/bin/serve status -a {cluster.dashboard_url}")
+        print(f"  Prometheus: configs/prometheus.yml reads {cluster.temp_dir}/prom_metrics_service_discovery.json")
         with Timeline(cluster, app, deployment) as timeline:
             printed = 0
 
-            def report() -> None:
+            def report() -> bool:
                 nonlocal printed
                 for t, kind, count in timeline.events[printed:]:
-                    print(f"  {t:6.1f} s  {kind} = {count}")
+                    print(f"  {t:6.1f} s  {kind} = {count}", flush=True)
                 printed = len(timeline.events)
+                return True
 
             cluster.deploy(config)
-            print(f"deployed {SIMULATED_CONFIG.relative_to(ROOT)}; the first GPU node starts for its replica")
-            cluster.wait_for(lambda: (report(), cluster.app_status(app) == "RUNNING")[1], 600, "the application")
-            report()
-            print(f"serving on {url}; {args.clients} clients for {args.load_s:.0f} s")
-            stop = threading.Event()
+            print(f"deployed {SIMULATED_CONFIG.relative_to(ROOT)}: a GPU node starts for its first replica")
+            cluster.wait_for(lambda: report() and cluster.app_status(app) == "RUNNING", 900, "the application")
+            print(f"serving on {url}; now {args.clients} clients for {args.load_s:.0f} s")
+            stop, results = threading.Event(), []
             bodies = [{"prompt": "Tell me a long story about a lighthouse keeper.", "max_new_tokens": 128}] * args.clients
             loader = threading.Thread(target=lambda: results.extend(asyncio.run(closed_loop(url, bodies, stop))))
-            results: list[Outcome] = []
             loader.start()
-            deadline = time.monotonic() + args.load_s
-            while time.monotonic() < deadline:
-                report()
-                time.sleep(1)
-            stop.set()
-            loader.join()
-            report()
-            print(f"load over: {summarize(results)}; per replica: {cluster.requests_per_replica(app, deployment)}")
-            print("idle now: replicas go after downscale_delay_s, idle GPU nodes after idle_timeout_minutes. Ctrl-C stops.")
             try:
-                while True:
+                deadline = time.monotonic() + args.load_s
+                while time.monotonic() < deadline:
                     report()
                     time.sleep(1)
+            finally:
+                stop.set()
+                loader.join()
+            report()
+            print(f"load over: {summarize(results)}; requests per replica: "
+                  f"{cluster.requests_per_replica(app, deployment)}")
+            for number, first_token in enumerate(sorted(cluster.first_tokens(app, deployment).values()), 1):
+                node_up = timeline.first_time("gpu_nodes", number)
+                running = timeline.first_time("running_replicas", number)
+                token = timeline.at(first_token)
+                print(f"replica {number}: GPU node up at {node_up} s, replica running at {running} s, first token "
+                      f"at {token:.1f} s: node up to first token {token - node_up:.1f} s")
+            print("idle now: replicas go after downscale_delay_s (then to zero after downscale_to_zero_delay_s), "
+                  "idle GPU nodes after idle_timeout_minutes. Ctrl-C stops the cluster.")
+            try:
+                while not (args.until_idle and timeline.latest("gpu_nodes") == 0):
+                    report()
+                    time.sleep(1)
+                report()
             except KeyboardInterrupt:
                 pass
         print("stopping the cluster")
 
 
 def main() -> None:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the service")
     parser.add_argument("--dashboard-port", type=int, default=8265)
     parser.add_argument("--clients", type=int, default=24, help="closed-loop clients of the burst")
     parser.add_argument("--load-s", type=float, default=60, help="how long the burst lasts")
     parser.add_argument("--temp-dir", default="/tmp/ray", help="Ray's temp dir (its default, for configs/prometheus.yml)")
+    parser.add_argument("--until-idle", action="store_true", help="stop once no GPU node is left, not at Ctrl-C")
     demo(parser.parse_args())
 
 

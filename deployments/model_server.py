@@ -164,9 +164,11 @@ class ModelServer:
             async for deltas in steps:
                 yield deltas
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this every ``look_back_period_s`` / 5 when the deployment
-        autoscales: the load the generation policy scales on, also exported as gauges."""
+        autoscales: the load the generation policy scales on, also exported as gauges.
+        Async, so that it runs on the event loop that updates the load (Serve would run
+        a plain method on a thread beside it)."""
         report = self._load.report()
         metrics.record_generation_load(self._config.name, report)
         return report.as_stats()

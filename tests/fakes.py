@@ -8,6 +8,7 @@ by the seed and the sequence index, so tests can predict every character.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
@@ -23,11 +24,15 @@ FAKE_TEXT = "The quick brown fox jumps over the lazy dog. "
 FAKE_CONTEXT_LENGTH = 512
 
 
-def fake_source(load_s: float = 0.0, step_s: float = 0.0, broken: bool = False, failing: bool = False) -> str:
+def fake_source(
+    load_s: float = 0.0, step_s: float = 0.0, broken: bool = False, failing: bool = False, rows: int = 0
+) -> str:
     """A `source` for FakeEngine: it sleeps ``load_s`` seconds in load() and ``step_s``
     per generated character; ``broken`` makes its health check and status fail;
-    ``failing`` makes a prompt starting with "fail" raise FakeDecodeError after a step."""
-    return f"fake?load_s={load_s}&step_s={step_s}&broken={int(broken)}&failing={int(failing)}"
+    ``failing`` makes a prompt starting with "fail" raise FakeDecodeError after a step;
+    ``rows`` > 0 lets at most that many sequences generate at once, the others wait for
+    a row (a GPU replica's batch, whose step time hardly depends on its size)."""
+    return f"fake?load_s={load_s}&step_s={step_s}&broken={int(broken)}&failing={int(failing)}&rows={rows}"
 
 
 class FakeDecodeError(RuntimeError):
@@ -42,7 +47,7 @@ def fake_text(seed: int | None, index: int, length: int) -> str:
 
 class FakeEngine(Engine):
     """Writes `fake_text`, one character per step; honours stop, max tokens and
-    cancellation. Each request runs on its own (no batching)."""
+    cancellation. Each request runs on its own, in one of ``rows`` rows when set."""
 
     def __init__(self, config: ModelConfig, device: str) -> None:
         super().__init__(config, device)
@@ -51,6 +56,8 @@ class FakeEngine(Engine):
         self._step_s = float(query.get("step_s", ["0"])[0])
         self._broken = query.get("broken", ["0"])[0] == "1"
         self._failing = query.get("failing", ["0"])[0] == "1"
+        rows = int(query.get("rows", ["0"])[0])
+        self._rows = asyncio.Semaphore(rows) if rows else None
         self.loaded = False
 
     def load(self) -> None:
@@ -76,6 +83,14 @@ class FakeEngine(Engine):
         return prepare_request(params, [ord(c) for c in text], FAKE_CONTEXT_LENGTH)
 
     async def generate(self, request: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
+        async with contextlib.AsyncExitStack() as rows:
+            if self._rows is not None:
+                for _ in range(request.num_return_sequences):
+                    await rows.enter_async_context(self._rows)
+            async for deltas in self._generate(request):
+                yield deltas
+
+    async def _generate(self, request: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
         def decode(ids: Sequence[int]) -> str:
             return "".join(chr(i) for i in ids)
 

@@ -125,13 +125,38 @@ def test_a_replica_reports_its_load_while_it_generates():
             await anext(stream)  # StreamStart
             for _ in range(10):
                 [delta] = await anext(stream)
-            during = server.record_autoscaling_stats()
+            during = await server.record_autoscaling_stats()
             await stream.aclose()  # the caller leaves
             return during, delta.completion_tokens
 
         during, generated = asyncio.run(half_way())
         assert generated >= 10
         assert during == {SEQUENCES: 1, TOKEN_BACKLOG: 40 - generated}
-        assert server.record_autoscaling_stats() == {SEQUENCES: 0, TOKEN_BACKLOG: 0}
+        assert asyncio.run(server.record_autoscaling_stats()) == {SEQUENCES: 0, TOKEN_BACKLOG: 0}
+    finally:
+        server.__del__()
+
+
+def test_requests_waiting_for_a_batch_row_are_reported_waiting():
+    """A replica with one row (the fake engine's batch): the second request waits."""
+    config = ModelConfig(name="m", source=fake_source(step_s=0.02, rows=1), engine=FAKE_ENGINE)
+    server = ModelServer(config, "cpu")
+    try:
+        async def two_at_once():
+            first = server.generate_stream(GenerationParams(prompt="abc", max_new_tokens=30))
+            second = server.generate_stream(GenerationParams(prompt="abcdef", max_new_tokens=30))
+            await anext(first), await anext(second)  # both accepted (StreamStart)
+            [delta] = await anext(first)
+            waiting = asyncio.ensure_future(anext(second))  # asks the engine for its first step
+            await asyncio.sleep(0.1)
+            report = await server.record_autoscaling_stats()
+            await first.aclose()
+            await waiting  # the row is free now
+            await second.aclose()
+            return report, delta.completion_tokens
+
+        report, generated = asyncio.run(two_at_once())
+        # The first owes its remaining tokens; the second its prompt (6) and all 30 tokens.
+        assert report == {SEQUENCES: 2, TOKEN_BACKLOG: (30 - generated) + (6 + 30)}
     finally:
         server.__del__()
