@@ -10,8 +10,9 @@ token per row every 25 ms whatever the batch size (a GPU's decode step barely de
 it), so that a second replica adds capacity as on a real cluster; on this machine's two
 cores a second CPU replica would not. Replicas: 1 to 2. Four configurations:
 
-    generation            its defaults: 8 sequences (a full batch) or 8 x 256 tokens owed
-    generation_16_1024    16 sequences (a batch running, one waiting) or 8 x 128 tokens owed
+    generation            its defaults: 16 sequences (a batch running, one waiting) or
+                          8 x 128 tokens owed
+    generation_8_2048     8 sequences (a full batch) or 8 x 256 tokens owed
     ongoing_requests_8    Serve's default policy, 8 requests in flight (a full batch)
     ongoing_requests_16   Serve's default policy, 16 in flight (a batch running, one waiting)
 
@@ -38,18 +39,15 @@ import argparse
 import asyncio
 import datetime
 import json
-import platform
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import ray
-
 from bench.common import free_port
 from bench.simulated_cluster import (
-    ROOT, SimulatedCluster, Timeline, load_serve_config, open_loop, stop_on_sigterm, summarize,
+    ROOT, SimulatedCluster, Timeline, load_serve_config, machine, open_loop, stop_on_sigterm, summarize,
 )
 from tests.fakes import FAKE_ENGINE, fake_source
 
@@ -64,11 +62,11 @@ PHASES = [  # (start s, end s, short requests/s, long requests/s)
 ]
 MIXED_BURST_AT = PHASES[1][0]
 POLICIES = {
-    # The generation policy's defaults: a full batch (8 sequences) or 8 x 256 tokens owed.
+    # The generation policy's defaults: 16 sequences (a batch running, one waiting:
+    # short ones leave fast) or 8 x 128 tokens owed (rows full of long work).
     "generation": {"policy": "generation"},
-    # Weighted to work: sequences may queue up to one more batch (short ones leave
-    # fast), while rows full of long work (128 tokens owed per row) add a replica.
-    "generation_16_1024": {"policy": "generation", "target_sequences": 2 * ROWS, "target_token_backlog": ROWS * 128},
+    # Its first defaults: a full batch, or 256 tokens owed per row.
+    "generation_8_2048": {"policy": "generation", "target_sequences": ROWS, "target_token_backlog": ROWS * 256},
     # Serve's default policy at the two targets a user would pick: a full batch, or a
     # batch running and as many waiting.
     "ongoing_requests_8": {"policy": "ongoing_requests", "target_ongoing_requests": ROWS},
@@ -162,13 +160,6 @@ def run(policy: str, schedule: list[tuple[float, dict, str]]) -> dict:
         "requests": [(round(o.sent_at, 2), round(o.latency_s, 2), o.status, kind)
                      for o, (_, _, kind) in zip(outcomes, schedule, strict=True)],
     }
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)), "python": platform.python_version(),
-            "ray": ray.__version__}
 
 
 def median_of(runs: list[dict], path: tuple[str, ...]) -> float | None:

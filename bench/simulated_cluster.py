@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -292,6 +293,22 @@ _REQUEST_LOG_LINE = re.compile(
 )
 
 
+def machine() -> dict:
+    """What a result was measured on."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "amx": "amx_tile" in flags,
+            "avx512": "avx512f" in flags, "python": platform.python_version(), "ray": _ray_version()}
+
+
+def _ray_version() -> str:
+    from ray import __version__
+
+    return __version__
+
+
 def _alive(pid: int) -> bool:
     """False for a zombie (exited, waiting to be reaped)."""
     try:
@@ -438,6 +455,7 @@ def demo(args: argparse.Namespace) -> None:
     app = config["applications"][0]["name"]
     deployment = "Model-" + config["applications"][0]["args"]["models"][0]["name"]
     url = f"http://127.0.0.1:{args.port}"
+    load, cold_starts = {}, []
     with SimulatedCluster(dashboard_port=args.dashboard_port, temp_dir=args.temp_dir) as cluster:
         print(f"cluster up: the dashboard on {cluster.dashboard_url}; watch it with")
         print(f"  RAY_AUTH_MODE=disabled .venv/bin/serve status -a {cluster.dashboard_url}")
@@ -469,14 +487,17 @@ def demo(args: argparse.Namespace) -> None:
                 stop.set()
                 loader.join()
             report()
-            print(f"load over: {summarize(results)}; requests per replica: "
-                  f"{cluster.requests_per_replica(app, deployment)}")
+            load = {**summarize(results), "per_replica": cluster.requests_per_replica(app, deployment)}
+            print(f"load over: {load}")
+            cold_starts = []
             for number, first_token in enumerate(sorted(cluster.first_tokens(app, deployment).values()), 1):
                 node_up = timeline.first_time("gpu_nodes", number)
                 running = timeline.first_time("running_replicas", number)
-                token = timeline.at(first_token)
+                token = round(timeline.at(first_token), 1)
+                cold_starts.append({"replica": number, "gpu_node_up_s": node_up, "running_s": running,
+                                    "first_token_s": token, "node_up_to_first_token_s": round(token - node_up, 1)})
                 print(f"replica {number}: GPU node up at {node_up} s, replica running at {running} s, first token "
-                      f"at {token:.1f} s: node up to first token {token - node_up:.1f} s")
+                      f"at {token} s: node up to first token {token - node_up:.1f} s")
             print("idle now: replicas go after downscale_delay_s (then to zero after downscale_to_zero_delay_s), "
                   "idle GPU nodes after idle_timeout_minutes. Ctrl-C stops the cluster.")
             try:
@@ -486,6 +507,16 @@ def demo(args: argparse.Namespace) -> None:
                 report()
             except KeyboardInterrupt:
                 pass
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps({
+                "command": " ".join(["python -m bench.simulated_cluster", *sys.argv[1:]]),
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "machine": machine(), "config": str(SIMULATED_CONFIG.relative_to(ROOT)),
+                "clients": args.clients, "load_s": args.load_s, "load": load, "cold_starts": cold_starts,
+                "timeline": timeline.events,
+            }, indent=2))
+            print(f"wrote {args.output}")
         print("stopping the cluster")
 
 
@@ -498,6 +529,7 @@ def main() -> None:
     parser.add_argument("--load-s", type=float, default=60, help="how long the burst lasts")
     parser.add_argument("--temp-dir", default="/tmp/ray", help="Ray's temp dir (its default, for configs/prometheus.yml)")
     parser.add_argument("--until-idle", action="store_true", help="stop once no GPU node is left, not at Ctrl-C")
+    parser.add_argument("--output", type=Path, help="write the timeline and cold starts as JSON here")
     demo(parser.parse_args())
 
 

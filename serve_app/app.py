@@ -65,7 +65,10 @@ def build_app(args: AppArgs) -> Application:
     for model in args.models:
         accelerator = resolve_accelerator(model.accelerator, cluster_gpus)
         device = "cuda" if accelerator == "gpu" and model.device == "auto" else "cpu"
-        logger.info("model %s: source %s on %s, reserving a %s", model.name, model.source, device, accelerator)
+        logger.info(
+            "model %s: source %s, computing on %s, %s per replica", model.name, model.source, device,
+            "one GPU reserved" if accelerator == "gpu" else "no GPU reserved",
+        )
         deployment = serve.deployment(ModelServer, **model_deployment_options(model, accelerator))
         models[model.name] = deployment.bind(model.to_model_config(), device)
     ingress = serve.deployment(

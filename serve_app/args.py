@@ -20,8 +20,12 @@ Accelerator = Literal["auto", "gpu", "cpu"]
 AutoscalingPolicyName = Literal["generation", "ongoing_requests"]
 # Serve's own policy: it ignores our targets and counts requests in flight.
 GENERATION_POLICY = "deployments.autoscaling:GenerationLoadPolicy"
-# A full batch of rows, each owing this many tokens: the default token backlog target.
-DEFAULT_BACKLOG_TOKENS_PER_ROW = 256
+# Default targets of the generation policy, per batch row (bench/autoscaling.py: on a
+# bursty mixed load these kept a replica through a short flood it could absorb and added
+# one for long work; a full batch and 256 tokens per row scaled and flapped like Serve's
+# own policy at a full batch).
+DEFAULT_SEQUENCES_PER_ROW = 2
+DEFAULT_BACKLOG_TOKENS_PER_ROW = 128
 
 
 class AutoscalingArgs(BaseModel):
@@ -53,7 +57,10 @@ class AutoscalingArgs(BaseModel):
     target_sequences: float | None = Field(
         default=None,
         gt=0,
-        description="Sequences per replica the generation policy aims for; unset means max_batch_size.",
+        description=(
+            "Sequences (running plus waiting) per replica the generation policy aims for; "
+            f"unset means {DEFAULT_SEQUENCES_PER_ROW} x max_batch_size (a batch running, one waiting)."
+        ),
     )
     target_token_backlog: int | None = Field(
         default=None,
@@ -152,7 +159,7 @@ class AutoscalingArgs(BaseModel):
         if self.policy == "ongoing_requests":
             config["target_ongoing_requests"] = self.target_ongoing_requests or max_batch_size
             return config
-        target_sequences = self.target_sequences or max_batch_size
+        target_sequences = self.target_sequences or DEFAULT_SEQUENCES_PER_ROW * max_batch_size
         # Serve records this target as a gauge whatever the policy; the sequence target
         # is the generation policy's counterpart of it.
         config["target_ongoing_requests"] = target_sequences

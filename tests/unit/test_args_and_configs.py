@@ -138,7 +138,7 @@ def test_generation_policy_is_the_default_with_targets_from_the_batch_size():
     config = model_deployment_options(ModelArgs(max_batch_size=8), "cpu")["autoscaling_config"]
     assert config["policy"] == {
         "policy_function": "deployments.autoscaling:GenerationLoadPolicy",
-        "policy_kwargs": {"target_sequences": 8, "target_token_backlog": 8 * 256},
+        "policy_kwargs": {"target_sequences": 2 * 8, "target_token_backlog": 8 * 128},
     }
     explicit = AutoscalingArgs(
         target_sequences=4, target_token_backlog=1000, metrics_interval_s=1, look_back_period_s=5

@@ -90,7 +90,7 @@ def test_serve_resolves_the_policy_the_builder_names():
     config = AutoscalingConfig(**AutoscalingArgs(target_token_backlog=640).to_serve_config(max_batch_size=4))
     policy_class = config.policy.get_policy()
     policy = policy_class(**config.policy.policy_kwargs)
-    assert (policy.target_sequences, policy.target_token_backlog) == (4, 640)
+    assert (policy.target_sequences, policy.target_token_backlog) == (8, 640)
     assert policy(context(1, [(4, 1280)])) == (2, {})
 
 
