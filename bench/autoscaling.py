@@ -49,6 +49,7 @@ from bench.common import free_port
 from bench.simulated_cluster import (
     ROOT, SimulatedCluster, Timeline, load_serve_config, machine, open_loop, stop_on_sigterm, summarize,
 )
+from serve_app.args import AutoscalingArgs
 from tests.fakes import FAKE_ENGINE, fake_source
 
 APP, MODEL = "textgen", "sim-gpu"
@@ -94,6 +95,12 @@ def serve_config(policy: str, port: int) -> dict:
     model.update(max_batch_size=ROWS, max_ongoing_requests=2 * ROWS, max_queued_requests=2 * ROWS)
     model["autoscaling"] = {"min_replicas": 1, "max_replicas": 2, **TIMING, **POLICIES[policy]}
     return config
+
+
+def effective_autoscaling(policy: str) -> dict:
+    """The autoscaling_config Serve gets for ``policy`` (targets left unset resolved)."""
+    model = serve_config(policy, port=0)["applications"][0]["args"]["models"][0]
+    return AutoscalingArgs(**model["autoscaling"]).to_serve_config(model["max_batch_size"])
 
 
 def replica_seconds(timeline: Timeline, start: float, end: float) -> float:
@@ -215,7 +222,8 @@ def main() -> None:
         "engine": {"fake_engine_rows": ROWS, "step_s": STEP_S},
         "load": {"phases": PHASES, "short_tokens": SHORT, "long_tokens": LONG, "seed": args.seed,
                  "requests": len(schedule)},
-        "policies": POLICIES,
+        # What Serve got for each configuration, defaults resolved.
+        "policies": {name: effective_autoscaling(name) for name in POLICIES},
         "timing": TIMING,
         "summary_medians": summary,
         "runs": runs,
