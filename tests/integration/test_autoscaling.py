@@ -101,8 +101,23 @@ def test_an_idle_model_scales_to_zero_and_the_next_request_waits_for_a_replica(s
     assert ready.json()["models"]["tiny"]["running_replicas"] == 0
     assert timeline.latest("gpu_nodes") == 0, "readiness probes never wake the model"
 
+    # More requests than the ingress queues for the model (max_queued_requests 8) arrive
+    # while no replica exists: those queued wait for the replica Serve starts for them.
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(
+                client.post(f"{url}/generate", json={"prompt": f"Anyone there? {i}", "max_new_tokens": 8})
+                for i in range(12)
+            ))
+
     idle_since = timeline.now()
-    response = httpx.post(f"{url}/generate", json={"prompt": "Anyone there?", "max_new_tokens": 8}, timeout=120)
-    assert response.status_code == 200, response.text
-    assert response.json()["usage"]["completion_tokens"] == 8
-    assert timeline.first_time("gpu_nodes", 1, after=idle_since) is not None, "a GPU node was launched for it"
+    responses = asyncio.run(burst())
+    statuses = sorted(response.status_code for response in responses)
+    print(f"12 requests at zero replicas: {statuses}")
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 8, statuses
+    for response in responses:
+        if response.status_code == 200:
+            assert response.json()["usage"]["completion_tokens"] == 8
+        else:
+            assert response.headers["Retry-After"]
+    assert timeline.first_time("gpu_nodes", 1, after=idle_since) is not None, "a GPU node was launched for them"
