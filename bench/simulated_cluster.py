@@ -13,7 +13,7 @@ node, and compute on the CPU (device: cpu).
 Local use only: Ray's token auth is off (RAY_AUTH_MODE=disabled, as for `make serve`) and
 every port listens on 127.0.0.1. `SimulatedCluster.stop` stops exactly the processes it
 started (they share one session id), never another Ray cluster on the machine; Ray's own
-`AutoscalingCluster` runs `ray stop --force`, which would.
+`AutoscalingCluster` runs `ray stop --force`, which ends every Ray cluster there.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ RAY = Path(sys.executable).parent / "ray"
 SIMULATED_CONFIG = ROOT / "configs" / "serve.simulated.yaml"
 GPU_WORKER = "gpu_worker"
 # The environment of every process of the cluster: Ray's fake provider, a 1 s autoscaler
-# loop (5 s by default), and the project's root importable by every worker.
+# loop (5 s by default), and the Ray settings of the Makefile (README, "The Ray environment").
 RAY_ENVIRONMENT = {
     "RAY_FAKE_CLUSTER": "1",
     "AUTOSCALER_UPDATE_INTERVAL_S": "1",
@@ -66,8 +66,7 @@ def cluster_node_types(max_gpu_workers: int | None = None) -> tuple[dict, dict]:
     types = config["available_node_types"]
     head = dict(types[config["head_node_type"]]["resources"])
     worker = copy.deepcopy(types[GPU_WORKER])
-    worker.pop("node_config", None)
-    worker["node_config"] = {}
+    worker["node_config"] = {}  # the cloud's instance type means nothing here
     worker["min_workers"] = 0
     if max_gpu_workers is not None:
         worker["max_workers"] = max_gpu_workers
@@ -163,7 +162,10 @@ class SimulatedCluster:
         ]
         if head:
             command.append(f"--resources={json.dumps(head)}")
-        environment = {**os.environ, **RAY_ENVIRONMENT, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        # Every worker imports from the project's root: an engine class may live in
+        # tests/ or bench/ (the fake engine), which the project's install leaves out.
+        python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        environment = {**os.environ, **RAY_ENVIRONMENT, "PYTHONPATH": python_path}
         # A session of its own: every process of the cluster, GPU nodes included (the
         # autoscaler starts them), inherits its id, which is how `stop` finds them all.
         starter = subprocess.Popen(

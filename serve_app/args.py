@@ -18,7 +18,8 @@ Accelerator = Literal["auto", "gpu", "cpu"]
 
 
 AutoscalingPolicyName = Literal["generation", "ongoing_requests"]
-# Serve's own policy: it ignores our targets and counts requests in flight.
+# The generation policy, as Serve's controller imports it (`ongoing_requests` is Serve's
+# default policy, which needs no path).
 GENERATION_POLICY = "deployments.autoscaling:GenerationLoadPolicy"
 # Default targets of the generation policy, per batch row (bench/autoscaling.py: on a
 # bursty mixed load these kept a replica through a short flood it could absorb and added
