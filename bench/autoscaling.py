@@ -47,7 +47,7 @@ from pathlib import Path
 
 from bench.common import free_port
 from bench.simulated_cluster import (
-    ROOT, SimulatedCluster, Timeline, load_serve_config, machine, open_loop, stop_on_sigterm, summarize,
+    ROOT, SimulatedCluster, Timeline, load_serve_config, machine, open_loop, stop_on_sigterm, summarize, to_json,
 )
 from serve_app.args import AutoscalingArgs
 from tests.fakes import FAKE_ENGINE, fake_source
@@ -229,7 +229,7 @@ def main() -> None:
         "runs": runs,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
+    args.output.write_text(to_json(report))
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.output}")
 

@@ -415,6 +415,13 @@ async def open_loop(url: str, schedule: list[tuple[float, dict]], timeout_s: flo
         return list(await asyncio.gather(*(at(offset, client, body) for offset, body in schedule)))
 
 
+def to_json(result: dict) -> str:
+    """Indented JSON, with lists of plain values (a request's record, a timeline event)
+    on one line each."""
+    text = json.dumps(result, indent=2)
+    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda match: "[" + " ".join(match[1].split()) + "]", text)
+
+
 def load_serve_config(**overrides) -> dict:
     """configs/serve.simulated.yaml, with ``port`` and model fields overridden."""
     config = yaml.safe_load(SIMULATED_CONFIG.read_text())
@@ -511,13 +518,13 @@ def demo(args: argparse.Namespace) -> None:
                 pass
         if args.output:
             args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps({
+            args.output.write_text(to_json({
                 "command": " ".join(["python -m bench.simulated_cluster", *sys.argv[1:]]),
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "machine": machine(), "config": str(SIMULATED_CONFIG.relative_to(ROOT)),
                 "clients": args.clients, "load_s": args.load_s, "load": load, "cold_starts": cold_starts,
                 "timeline": timeline.events,
-            }, indent=2))
+            }))
             print(f"wrote {args.output}")
         print("stopping the cluster")
 
