@@ -61,7 +61,6 @@ PHASES = [  # (start s, end s, short requests/s, long requests/s)
     (25, 55, 2.0, 0.7),
     (55, 75, 1.0, 0.0),
 ]
-MIXED_BURST_AT = PHASES[1][0]
 POLICIES = {
     # The generation policy's defaults: 16 sequences (a batch running, one waiting:
     # short ones leave fast) or 8 x 128 tokens owed (rows full of long work).

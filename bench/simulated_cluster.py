@@ -24,6 +24,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -198,12 +200,12 @@ class SimulatedCluster:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _members(self) -> list[int]:
+        """The cluster's live processes (zombies have exited already)."""
         found = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    if os.getsid(int(entry)) == self._session_id and _alive(int(entry)):
-                        found.append(int(entry))
+        for process in psutil.process_iter():
+            with contextlib.suppress(ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+                if os.getsid(process.pid) == self._session_id and process.status() != psutil.STATUS_ZOMBIE:
+                    found.append(process.pid)
         return found
 
     def __enter__(self) -> SimulatedCluster:
@@ -256,25 +258,31 @@ class SimulatedCluster:
         applications = (self._get("/api/serve/applications/") or {}).get("applications", {})
         return applications.get(app, {}).get("status")
 
-    def requests_per_replica(self, app: str, deployment: str) -> dict[str, int]:
-        """Requests each replica of the deployment has logged (its request_id lines)."""
-        counts = {}
+    def _request_lines(self, app: str, deployment: str) -> dict[str, list[re.Match]]:
+        """Each replica's request log lines (ModelServer._log_request), by replica id."""
+        lines = {}
         for log in (self.logs_dir / "serve").glob(f"replica_{app}_{deployment}_*.log"):
-            replica = log.stem.removeprefix(f"replica_{app}_{deployment}_")
-            counts[replica] = sum("request_id=" in line for line in log.read_text(errors="replace").splitlines())
-        return counts
+            text = log.read_text(errors="replace").splitlines()
+            lines[log.stem.removeprefix(f"replica_{app}_{deployment}_")] = [
+                match for line in text if (match := _REQUEST_LOG_LINE.match(line))
+            ]
+        return lines
+
+    def requests_per_replica(self, app: str, deployment: str) -> dict[str, int]:
+        """Requests each replica of the deployment has logged."""
+        return {replica: len(lines) for replica, lines in self._request_lines(app, deployment).items()}
 
     def first_tokens(self, app: str, deployment: str) -> dict[str, float]:
-        """Each replica's first token (wall-clock seconds), from its request log lines:
-        one is written as a request ends, with its ttft and total milliseconds."""
+        """Each replica's first token (wall-clock seconds): a request's line is written
+        as it ends, with its ttft and total milliseconds."""
         firsts = {}
-        for log in (self.logs_dir / "serve").glob(f"replica_{app}_{deployment}_*.log"):
-            for line in log.read_text(errors="replace").splitlines():
-                if match := _REQUEST_LOG_LINE.match(line):
-                    ended = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                    first = ended - float(match[3]) / 1000 + float(match[2]) / 1000
-                    replica = log.stem.removeprefix(f"replica_{app}_{deployment}_")
-                    firsts[replica] = min(firsts.get(replica, first), first)
+        for replica, lines in self._request_lines(app, deployment).items():
+            for match in lines:
+                if match[2] == "-":
+                    continue
+                ended = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                first = ended - float(match[3]) / 1000 + float(match[2]) / 1000
+                firsts[replica] = min(firsts.get(replica, first), first)
         return firsts
 
     @staticmethod
@@ -289,34 +297,23 @@ class SimulatedCluster:
         raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
 
 
-# A model replica's line per request (ModelServer._log_request), in Ray's log format.
+# A model replica's line per request (ModelServer._log_request), in Ray's log format;
+# ttft_ms is "-" for a request that ended before its first token.
 _REQUEST_LOG_LINE = re.compile(
-    r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*request_id=\S+ .*ttft_ms=([\d.]+) total_ms=([\d.]+)"
+    r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*request_id=\S+ .*ttft_ms=([\d.]+|-) total_ms=([\d.]+)"
 )
 
 
 def machine() -> dict:
     """What a result was measured on."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "amx": "amx_tile" in flags,
-            "avx512": "avx512f" in flags, "python": platform.python_version(), "ray": _ray_version()}
-
-
-def _ray_version() -> str:
-    from ray import __version__
-
-    return __version__
-
-
-def _alive(pid: int) -> bool:
-    """False for a zombie (exited, waiting to be reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    cpuinfo = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        cpuinfo.setdefault(key.strip(), value.strip())  # the first CPU's
+    flags = cpuinfo.get("flags", "").split()
+    return {"cpu": cpuinfo.get("model name", platform.processor()), "cores": len(os.sched_getaffinity(0)),
+            "amx": "amx_tile" in flags, "avx512": "avx512f" in flags, "python": platform.python_version(),
+            "ray": importlib.metadata.version("ray")}
 
 
 class Timeline:

@@ -82,7 +82,8 @@ def test_gpu_nodes_and_replicas_follow_the_load(simulated):
     assert len({r["node_id"] for r in replicas}) == 2, "one replica per GPU node"
 
     statuses = [o.status for o in outcomes]
-    assert statuses and set(statuses) <= {200, 503}, f"connection errors or failures: {set(statuses)}"
+    errors = [o.error for o in outcomes if o.error][:3]
+    assert statuses and set(statuses) <= {200, 503}, f"connection errors or failures: {set(statuses)} {errors}"
     assert all(o.retry_after for o in outcomes if o.status == 503), "a 503 says when to retry"
     assert statuses.count(200) >= 10
 
