@@ -24,10 +24,29 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODEL_LOAD_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
 
+class _Unrecorded:
+    """Stands in for every metric where Ray is not installed: the engine and its
+    benchmarks run on machines with only torch (a bare GPU box), and record nothing."""
+
+    def inc(self, *args, **kwargs) -> None:
+        pass
+
+    observe = set = inc
+
+
+def _ray_metrics():
+    try:
+        from ray.util import metrics
+    except ImportError:
+        return None
+    return metrics
+
+
 @functools.cache
 def _counter(name: str, description: str, tag_keys: tuple[str, ...]) -> metrics.Counter:
-    from ray.util import metrics
-
+    metrics = _ray_metrics()
+    if metrics is None:
+        return _Unrecorded()
     return metrics.Counter(name, description=description, tag_keys=tag_keys)
 
 
@@ -35,15 +54,17 @@ def _counter(name: str, description: str, tag_keys: tuple[str, ...]) -> metrics.
 def _histogram(
     name: str, description: str, boundaries: tuple[float, ...], tag_keys: tuple[str, ...]
 ) -> metrics.Histogram:
-    from ray.util import metrics
-
+    metrics = _ray_metrics()
+    if metrics is None:
+        return _Unrecorded()
     return metrics.Histogram(name, description=description, boundaries=list(boundaries), tag_keys=tag_keys)
 
 
 @functools.cache
 def _gauge(name: str, description: str, tag_keys: tuple[str, ...]) -> metrics.Gauge:
-    from ray.util import metrics
-
+    metrics = _ray_metrics()
+    if metrics is None:
+        return _Unrecorded()
     return metrics.Gauge(name, description=description, tag_keys=tag_keys)
 
 
