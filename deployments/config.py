@@ -116,6 +116,36 @@ class ModelConfig(BaseModel):
             "the engine process keeps the replica's niceness and logs why."
         ),
     )
+    kv_cache: Literal["auto", "dynamic", "slots"] = Field(
+        default="auto",
+        description=(
+            "How running sequences keep their keys and values. `slots`: one preallocated "
+            "tensor with a slot of fixed length per sequence (max_batch_size slots), decode "
+            "steps replayed as CUDA graphs on a GPU; `dynamic`: transformers' DynamicCache, "
+            "rows joined and trimmed as they come and go, eager steps; `auto`: slots on a "
+            "GPU, dynamic on a CPU (faster on each). Models with sliding-window layers "
+            "always use dynamic."
+        ),
+    )
+    cuda_graphs: bool = Field(
+        default=True,
+        description=(
+            "With slots on a GPU, replay decode steps as CUDA graphs captured on first use, "
+            "one per (rows, attention columns) bucket; false runs them eagerly (slower, for "
+            "debugging)."
+        ),
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description=(
+            "Share of the GPU's memory a replica may fill (weights, KV cache, activations) "
+            "with slots: the KV cache gets what is left, divided among max_batch_size slots; "
+            "where a slot holds fewer tokens than the model's context, requests are capped "
+            "there (a longer one gets 422 naming the limit)."
+        ),
+    )
     trust_remote_code: bool = Field(
         default=False, description="Allow model code from the model's repository (hub sources)."
     )

@@ -53,6 +53,7 @@ from deployments.transformers_engine.loading import (
     resolve_dtype,
 )
 from deployments.transformers_engine.sampling import BatchSampler, RowSampling
+from deployments.transformers_engine.slot_decoder import SlotDecoder, SlotShape, Tokens, tokens_per_slot
 
 logger = logging.getLogger("ray.serve")
 
@@ -62,7 +63,10 @@ _FALLBACK_CONTEXT_LENGTH = 2048
 MAX_PREFILL_TOKENS = 8192
 # Prompt tokens (rows x columns) prefilled between two decode steps: long prompts are
 # prefilled in chunks, so running rows stall for one chunk at a time, not a whole prompt.
+# With no row running, nobody stalls: a group is prefilled whole. On a GPU an eager
+# forward pass costs about the same for 1 or 2048 tokens (the host sets the pace).
 PREFILL_CHUNK_TOKENS = 256
+GPU_PREFILL_CHUNK_TOKENS = 2048
 # Prompts prefilled together are left-padded to the longest; a prompt joins a group
 # only while the padding stays within this share of the group's real tokens (plus a
 # few columns, so that short prompts still share a pass).
@@ -70,6 +74,10 @@ PREFILL_PADDING_SHARE = 0.25
 PREFILL_PADDING_ALLOWANCE = 16
 # Failed scheduler iterations in a row after which the engine reports itself broken.
 BROKEN_AFTER_FAILURES = 3
+# GPU memory kept out of the slot KV cache for activations, logits and CUDA graphs.
+ACTIVATION_RESERVE_BYTES = 2 << 30
+# Fewest tokens per slot worth serving with.
+MIN_SLOT_LENGTH = 64
 
 
 def model_sampling_defaults(generation_config: GenerationConfig) -> SamplingDefaults:
@@ -200,6 +208,24 @@ class _Batch:
     logits: torch.Tensor  # [rows, vocab]: scores of each row's next token, not yet sampled
     sampler: BatchSampler
 
+    @classmethod
+    def of(cls, prefilled: _Prefilled, joinable: bool) -> _Batch:
+        if joinable:  # all layers keep full history: decode steps write in place
+            kv_cache.growing(prefilled.cache)
+        return cls(
+            sequences=prefilled.sequences,
+            cache=prefilled.cache,
+            attention_mask=prefilled.attention_mask,
+            last_position=prefilled.last_position,
+            logits=prefilled.logits,
+            sampler=BatchSampler(
+                prefilled.sampling,
+                prefilled.prompts,
+                vocab_size=prefilled.logits.shape[-1],
+                device=prefilled.logits.device,
+            ),
+        )
+
     def join(self, other: _Batch) -> None:
         """Appends ``other``'s rows (newly prefilled requests)."""
         kv_cache.join(self.cache, other.cache)
@@ -245,6 +271,23 @@ class _Prefill:
     cache: object = None
 
 
+@dataclasses.dataclass
+class _Prefilled:
+    """Prompts fully run: a row per returned sequence, left-padded, with the scores of
+    each row's first new token."""
+
+    sequences: list[_Sequence]
+    sampling: list[RowSampling]
+    cache: object  # transformers' DynamicCache
+    attention_mask: torch.Tensor  # [rows, columns]
+    last_position: torch.Tensor  # [rows]
+    logits: torch.Tensor  # [rows, vocab], float32
+
+    @property
+    def prompts(self) -> list[tuple[int, ...]]:
+        return [sequence.admission.request.prompt_token_ids for sequence in self.sequences]
+
+
 class TransformersEngine(Engine):
     """Runs a HuggingFace causal LM with its own continuous-batching decode loop.
 
@@ -267,8 +310,9 @@ class TransformersEngine(Engine):
         self._scheduler: threading.Thread | None = None
         self._closed = threading.Event()
         self._joinable = False  # whether prefilled rows can join a running batch's cache
+        self._decoding: _Decoding | None = None
         self._cache_argument = "cache"
-        self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
+        self.prefill_chunk_tokens = GPU_PREFILL_CHUNK_TOKENS if device == "cuda" else PREFILL_CHUNK_TOKENS
         self._failures_in_a_row = 0
         self._broken: str | None = None  # why the engine can no longer serve
 
@@ -291,7 +335,9 @@ class TransformersEngine(Engine):
             if limit
         ]
         self._context_length = min(limits, default=_FALLBACK_CONTEXT_LENGTH)
-        self._joinable = self._cache_joins()
+        probe = self._probe()
+        self._joinable = kv_cache.can_join(probe[self._cache_argument])
+        self._decoding = self._choose_decoding(probe)
         self._scheduler = threading.Thread(target=self._schedule_forever, name="textgen-scheduler", daemon=True)
         self._scheduler.start()
         logger.info(
@@ -314,11 +360,58 @@ class TransformersEngine(Engine):
         return resolve_model_source(self.config.source, self.config.revision)
 
     @torch.inference_mode()
-    def _cache_joins(self) -> bool:
-        """Runs one token through the model (which also warms its kernels up) to learn
-        whether its cache layers can be joined along the batch."""
-        output = self._model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=True)
-        return kv_cache.can_join(output[self._cache_argument])
+    def _probe(self):
+        """Runs one token through the model (which also warms its kernels up): its cache
+        tells whether layers can be joined along the batch, and their geometry."""
+        return self._model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=True)
+
+    def _choose_decoding(self, probe) -> _Decoding:
+        """The slot decoder where configured (``auto``: on a GPU) and the model's cache
+        layers all keep full history; else the dynamic-cache path."""
+        wanted = self.config.kv_cache
+        if wanted == "auto":
+            wanted = "slots" if self.device == "cuda" else "dynamic"
+        if wanted == "slots" and not self._joinable:
+            logger.warning("%s has cache layers that drop history (sliding windows): slots need "
+                           "full history, so it decodes with the dynamic cache", self.config.source)
+            wanted = "dynamic"
+        if wanted == "dynamic":
+            return _DynamicDecoding(self)
+        keys = probe[self._cache_argument].layers[0].keys
+        shape = SlotShape(len(probe[self._cache_argument].layers), keys.shape[1], keys.shape[3], keys.dtype)
+        slots = self.config.max_batch_size
+        slot_length = self._slot_length(shape, slots)
+        if slot_length < self._context_length:
+            logger.warning("KV cache holds %d tokens per sequence for %d sequences: requests are "
+                           "capped there, below the model's context of %d",
+                           slot_length, slots, self._context_length)
+        self._context_length = slot_length
+        decoder = SlotDecoder(
+            self._model, self._cache_argument, shape, slots, slot_length,
+            vocab_size=probe.logits.shape[-1], device=self.device, use_graphs=self.config.cuda_graphs,
+        )
+        logger.info("slot decoding: %d slots x %d tokens (%.1f GiB of KV cache), CUDA graphs %s",
+                    slots, slot_length, shape.bytes_per_token() * slots * slot_length / 2**30,
+                    "on" if decoder.uses_graphs else "off")
+        return _SlotDecoding(self, decoder)
+
+    def _slot_length(self, shape: SlotShape, slots: int) -> int:
+        """Tokens per slot: the context, or on a GPU what ``gpu_memory_utilization`` of
+        its memory leaves for the KV cache after the weights and a reserve for prefill
+        (its DynamicCache of one admission wave, twice) and activations."""
+        if self.device != "cuda":
+            return self._context_length
+        free, total = torch.cuda.mem_get_info()
+        reserve = 2 * MAX_PREFILL_TOKENS * shape.bytes_per_token() + ACTIVATION_RESERVE_BYTES
+        fits = tokens_per_slot(total, free, self.config.gpu_memory_utilization, reserve, shape, slots)
+        if fits < MIN_SLOT_LENGTH:
+            raise RuntimeError(
+                f"the KV cache fits {max(fits, 0)} tokens per sequence for max_batch_size={slots} "
+                f"in {self.config.gpu_memory_utilization:.0%} of the GPU's {total / 2**30:.0f} GiB "
+                f"({(total - free) / 2**30:.1f} GiB already used); lower max_batch_size or raise "
+                "gpu_memory_utilization"
+            )
+        return min(self._context_length, fits)
 
     def _collect_eos_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -391,10 +484,10 @@ class TransformersEngine(Engine):
 
     def _schedule_forever(self) -> None:
         waiting: deque[_Admission] = deque()
-        batch: _Batch | None = None
+        decoding = self._decoding
         prefills: deque[_Prefill] = deque()  # the admitted wave, a group at a time
         while not self._closed.is_set():
-            if batch is None and not prefills and not waiting:
+            if not decoding.busy and not prefills and not waiting:
                 arrival = self._arrivals.get()  # idle: sleep until a request comes
                 if arrival is None:  # close() woke the loop
                     continue
@@ -404,39 +497,36 @@ class TransformersEngine(Engine):
                 self._collect_arrivals(waiting, wait_s=0)
             try:
                 if not prefills:
-                    prefills.extend(self._start_prefills(self._take_admissions(waiting, batch)))
+                    prefills.extend(self._start_prefills(self._take_admissions(waiting, decoding.free_rows())))
                 if prefills:
-                    joining = self._prefill_chunk(prefills[0])
-                    if joining is not None:
-                        prefills.popleft()
-                        if batch is None:
-                            batch = joining
-                        else:
-                            batch.join(joining)
-                if batch is not None:
-                    batch = self._step(batch)
+                    prefilled = self._prefill_chunk(prefills[0], whole=not decoding.busy)
+                    if prefilled is not None:
+                        decoding.join(prefilled)
+                        prefills.popleft()  # only now: a failed join fails its requests too
+                decoding.step()
                 self._failures_in_a_row = 0
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving others
-                failed = self._admissions_in(batch, prefills)
+                failed = self._admissions_in(decoding, prefills)
                 logger.exception("decode step failed; failing its %d request(s)", len(failed))
-                for admission in failed:
-                    admission.deliver(exc)
-                batch = None
+                decoding.clear()
                 prefills.clear()
                 self._failures_in_a_row += 1
                 if self._failures_in_a_row >= BROKEN_AFTER_FAILURES and self._broken is None:
                     # One bad batch (a request too large for memory) is survivable; every
-                    # step failing (a CUDA error, a corrupted state) is not.
+                    # step failing (a CUDA error, a corrupted state) is not. Set before
+                    # the requests hear of it: the next health check must see it.
                     self._broken = f"{self._failures_in_a_row} decode steps in a row failed, the last with {exc!r}"
                     logger.error("engine broken: %s; the health check now fails", self._broken)
+                for admission in failed:
+                    admission.deliver(exc)
         closed = RuntimeError("the engine was closed")
-        for admission in [*self._admissions_in(batch, prefills), *waiting]:
+        for admission in [*self._admissions_in(decoding, prefills), *waiting]:
             admission.deliver(closed)
 
     @staticmethod
-    def _admissions_in(batch: _Batch | None, prefills: deque[_Prefill]) -> list[_Admission]:
-        """The requests with rows in ``batch`` or prompts in ``prefills``, each once."""
-        found = {id(s.admission): s.admission for s in (batch.sequences if batch else [])}
+    def _admissions_in(decoding: _Decoding, prefills: deque[_Prefill]) -> list[_Admission]:
+        """The requests with rows being decoded or prompts in ``prefills``, each once."""
+        found = {id(s.admission): s.admission for s in decoding.sequences() if not s.finished}
         found.update({id(a): a for prefill in prefills for a in prefill.admitted})
         return list(found.values())
 
@@ -453,13 +543,9 @@ class TransformersEngine(Engine):
             if arrival is not None:  # None: close() woke the loop
                 waiting.append(arrival)
 
-    def _take_admissions(self, waiting: deque[_Admission], batch: _Batch | None) -> list[_Admission]:
-        """The waiting requests that fit now, first come first served; those whose caller
-        left before they started are dropped on the way."""
-        if batch is not None and not self._joinable:
-            free = 0  # static batching for caches that cannot be joined
-        else:
-            free = self.config.max_batch_size - (len(batch.sequences) if batch else 0)
+    def _take_admissions(self, waiting: deque[_Admission], free: int) -> list[_Admission]:
+        """The waiting requests that fit in ``free`` rows now, first come first served;
+        those whose caller left before they started are dropped on the way."""
         admitted: list[_Admission] = []
         prefill_tokens = 0
         while waiting:
@@ -498,12 +584,14 @@ class TransformersEngine(Engine):
         return _Prefill(admitted, input_ids, attention_mask, position_ids)
 
     @torch.inference_mode()
-    def _prefill_chunk(self, prefill: _Prefill) -> _Batch | None:
-        """Runs the next chunk of the prompts; once the last column has run, returns the
-        requests as a batch whose rows (one per returned sequence) hold their first
-        next-token scores."""
+    def _prefill_chunk(self, prefill: _Prefill, whole: bool = False) -> _Prefilled | None:
+        """Runs the next chunk of the prompts (``whole``: all that is left); once the
+        last column has run, returns their rows (one per returned sequence) with their
+        first next-token scores."""
         rows, width = prefill.input_ids.shape
-        columns = min(width - prefill.done, max(1, self.prefill_chunk_tokens // rows))
+        columns = width - prefill.done
+        if not whole:
+            columns = min(columns, max(1, self.prefill_chunk_tokens // rows))
         end = prefill.done + columns
         output = self._model(
             input_ids=prefill.input_ids[:, prefill.done : end],
@@ -517,9 +605,7 @@ class TransformersEngine(Engine):
         prefill.done = end
         if end < width:
             return None
-        cache, admitted, device = prefill.cache, prefill.admitted, self.device
-        if self._joinable:  # all layers keep full history: decode steps write in place
-            kv_cache.growing(cache)
+        cache, admitted = prefill.cache, prefill.admitted
         sequences = [
             _Sequence(admission, index, self._decode_tokens)
             for admission in admitted
@@ -527,36 +613,31 @@ class TransformersEngine(Engine):
         ]
         # Each prompt was run once; its cache and scores fan out to its sequences.
         owner = {id(admission): row for row, admission in enumerate(admitted)}
-        fan_out = torch.tensor([owner[id(s.admission)] for s in sequences], device=device)
+        fan_out = torch.tensor([owner[id(s.admission)] for s in sequences], device=self.device)
         if len(sequences) != len(admitted):
             cache.batch_select_indices(fan_out)
-        return _Batch(
+        return _Prefilled(
             sequences=sequences,
+            sampling=[self._row_sampling(s.admission.request, s.index) for s in sequences],
             cache=cache,
             attention_mask=prefill.attention_mask[fan_out],
             last_position=prefill.position_ids[fan_out, -1],
             logits=output.logits[:, -1, :].float()[fan_out],
-            sampler=BatchSampler(
-                [self._row_sampling(s.admission.request, s.index) for s in sequences],
-                [s.admission.request.prompt_token_ids for s in sequences],
-                vocab_size=output.logits.shape[-1],
-                device=device,
-            ),
         )
 
-    @torch.inference_mode()
-    def _step(self, batch: _Batch) -> _Batch | None:
-        """Samples every row's next token, delivers it, drops the rows that ended or whose
-        caller left, and runs the forward pass for the rest. Returns None when no row is
-        left. Rows leave in one `keep` (each one copies the KV cache)."""
-        next_tokens = batch.sampler.sample(batch.logits)  # cancelled rows too: cheaper than a keep
-        batch.sampler.observe(next_tokens)
+    def _deliver(self, sequences: Sequence[_Sequence], token_ids: Sequence[int]) -> list[int]:
+        """Hands each row's new token to its request; returns the rows still running.
+        Rows already finished (a slot step decoded them once more before the host saw
+        them end) are skipped; rows whose caller left end, their request told once."""
         per_request: dict[int, tuple[_Admission, list[SequenceDelta]]] = {}
         dropped: dict[int, _Admission] = {}
         still_running = []
-        for row, (sequence, token_id) in enumerate(zip(batch.sequences, next_tokens.tolist(), strict=True)):
+        for row, (sequence, token_id) in enumerate(zip(sequences, token_ids, strict=True)):
+            if sequence.finished:
+                continue
             admission = sequence.admission
             if admission.request.cancelled.is_set():
+                sequence.finished = True
                 dropped[id(admission)] = admission
                 continue
             delta = sequence.advance(token_id, self._eos_token_ids)
@@ -567,6 +648,16 @@ class TransformersEngine(Engine):
             admission.deliver(END_OF_STEPS)
         for admission, deltas in per_request.values():
             admission.deliver(deltas)
+        return still_running
+
+    @torch.inference_mode()
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """Samples every row's next token, delivers it, drops the rows that ended or whose
+        caller left, and runs the forward pass for the rest. Returns None when no row is
+        left. Rows leave in one `keep` (each one copies the KV cache)."""
+        next_tokens = batch.sampler.sample(batch.logits)  # cancelled rows too: cheaper than a keep
+        batch.sampler.observe(next_tokens)
+        still_running = self._deliver(batch.sequences, next_tokens.tolist())
         if not still_running:
             return None
         batch.keep(still_running)
@@ -596,3 +687,111 @@ class TransformersEngine(Engine):
             repetition_penalty=request.repetition_penalty,
             seed=seed,
         )
+
+
+class _Decoding:
+    """How the scheduler decodes its running rows: `_DynamicDecoding` or `_SlotDecoding`."""
+
+    busy: bool  # rows running, or tokens not yet handed over
+
+    def free_rows(self) -> int:
+        """Rows that newly prefilled sequences may take now."""
+        raise NotImplementedError
+
+    def join(self, prefilled: _Prefilled) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """One decode step of the running rows, if any; hands tokens over."""
+        raise NotImplementedError
+
+    def sequences(self) -> list[_Sequence]:
+        """Every sequence still owed tokens (to fail them when a step fails)."""
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        """Forgets every row (after a failed step)."""
+        raise NotImplementedError
+
+
+class _DynamicDecoding(_Decoding):
+    """transformers' DynamicCache, rows left-padded to a shared last column, eager steps:
+    the CPU's path (slots, eager there, gave 0.95 of its tokens/s at 1 client and 0.92 at
+    16 on 2 EPYC cores: bench/results/kv_cache_cpu.json)."""
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        self._engine = engine
+        self._batch: _Batch | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._batch is not None
+
+    def free_rows(self) -> int:
+        if self._batch is None:
+            return self._engine.config.max_batch_size
+        if not self._engine._joinable:
+            return 0  # static batching for caches that cannot be joined
+        return self._engine.config.max_batch_size - len(self._batch.sequences)
+
+    def join(self, prefilled: _Prefilled) -> None:
+        joining = _Batch.of(prefilled, self._engine._joinable)
+        if self._batch is None:
+            self._batch = joining
+        else:
+            self._batch.join(joining)
+
+    def step(self) -> None:
+        if self._batch is not None:
+            self._batch = self._engine._step(self._batch)
+
+    def sequences(self) -> list[_Sequence]:
+        return self._batch.sequences if self._batch else []
+
+    def clear(self) -> None:
+        self._batch = None
+
+
+class _SlotDecoding(_Decoding):
+    """The slot decoder (CUDA graphs on a GPU), one step ahead of the host: each step is
+    launched before the tokens of the previous one are handed over, so the host's work
+    overlaps the GPU's. A row that ends is decoded once more before the host sees it
+    end; that token is dropped."""
+
+    def __init__(self, engine: TransformersEngine, decoder: SlotDecoder) -> None:
+        self._engine, self.decoder = engine, decoder
+        self._in_flight: deque[Tokens] = deque()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.decoder.rows or self._in_flight)
+
+    def free_rows(self) -> int:
+        return self.decoder.free_slots
+
+    @torch.inference_mode()
+    def join(self, prefilled: _Prefilled) -> None:
+        self._in_flight.append(
+            self.decoder.join(
+                prefilled.sequences, prefilled.sampling, prefilled.prompts,
+                prefilled.cache, prefilled.attention_mask, prefilled.logits,
+            )
+        )
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        launched = bool(self.decoder.rows)
+        if launched:
+            metrics.record_batch_size(self._engine.config.name, len(self.decoder.rows))
+            self._in_flight.append(self.decoder.step())
+        while self._in_flight and (len(self._in_flight) > 1 or not launched):
+            tokens = self._in_flight.popleft()
+            self._engine._deliver(tokens.rows, tokens.token_ids())
+            self.decoder.remove([row for row, sequence in enumerate(self.decoder.rows) if sequence.finished])
+
+    def sequences(self) -> list[_Sequence]:
+        return [*self.decoder.rows, *(sequence for tokens in self._in_flight for sequence in tokens.rows)]
+
+    def clear(self) -> None:
+        self.decoder.clear()
+        self._in_flight.clear()

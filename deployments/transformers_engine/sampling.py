@@ -195,3 +195,65 @@ def _finite(scores: torch.Tensor) -> torch.Tensor:
     float32 holds as 0 or a denormal) divide logits into inf, and softmax turns inf into
     NaN; capping at the largest float keeps the intended order: that token wins."""
     return torch.nan_to_num(scores, nan=float("-inf"), posinf=torch.finfo(scores.dtype).max)
+
+
+# The sampler of the slot decoder (slot_decoder.py): every operation is a tensor
+# operation over all rows, with no branch on tensor values and no per-row generator,
+# so a decode step and its sampling are one CUDA graph with no host synchronisation.
+# BatchSampler above stays the dynamic-cache path's sampler: on a CPU its candidate
+# search beats sorting the whole vocabulary, and the host syncs it needs cost nothing there.
+
+_LOW_32_BITS = 0xFFFFFFFF
+
+
+def _mix32(values: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Chris Wellons' lowbias32) of int64 ``values``, elementwise.
+    Products may overflow int64; their low 32 bits, the only ones kept, are exact."""
+    x = values & _LOW_32_BITS
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _LOW_32_BITS
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _LOW_32_BITS
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One uniform number in [0, 1) per row, a pure function of the row's seed (int64,
+    non-negative) and its count of tokens drawn so far: a row's draws never depend on its
+    neighbours or on the order rows were batched in, as with a generator per row."""
+    mixed = _mix32(seeds ^ _mix32((seeds >> 32) ^ _mix32(counters)))
+    return (mixed >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    penalty: torch.Tensor,
+    seen: torch.Tensor,
+    seeds: torch.Tensor,
+    counters: torch.Tensor,
+    sampled: bool,
+) -> torch.Tensor:
+    """The next token of every row, from float32 ``logits`` [rows, vocab]; each parameter
+    is a per-row tensor, ``seen`` [rows, vocab] marks the tokens the repetition penalty
+    covers. Same processors and order as BatchSampler (repetition penalty, temperature,
+    top-k, top-p); rows with ``temperature == 0`` are greedy. ``sampled`` is the host's
+    knowledge that some row samples or is penalised: False skips straight to argmax."""
+    if not sampled:
+        return logits.argmax(dim=-1)
+    penalty = penalty[:, None]
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    logits = _finite(torch.where(seen, penalized, logits))
+    greedy = logits.argmax(dim=-1)
+    scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    ordered, ordered_ids = _finite(logits / scale[:, None]).sort(dim=-1, descending=True)
+    vocab = ordered.shape[-1]
+    rank = torch.arange(vocab, device=logits.device)
+    keep = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    probabilities = ordered.masked_fill(rank >= keep[:, None], float("-inf")).softmax(dim=-1)
+    mass_before = probabilities.cumsum(dim=-1) - probabilities
+    outside = (mass_before > top_p[:, None]) & (top_p < 1.0)[:, None]
+    drawn = _invert(probabilities.masked_fill(outside, 0.0), ordered_ids, counter_uniforms(seeds, counters))
+    return torch.where(temperature > 0, drawn, greedy)

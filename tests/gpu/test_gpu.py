@@ -30,7 +30,7 @@ def generate(engine, *params):
     return asyncio.run(all_of())
 
 
-def test_engine_generates_on_the_gpu_in_bfloat16(tiny_model_dir):
+def test_engine_generates_on_the_gpu_in_bfloat16_with_cuda_graphs(tiny_model_dir):
     engine = TransformersEngine(ModelConfig(name="tiny", source=str(tiny_model_dir)), "cuda")
     engine.load()
     status = engine.status()
@@ -42,10 +42,43 @@ def test_engine_generates_on_the_gpu_in_bfloat16(tiny_model_dir):
         GenerationParams(prompt="Sampled", max_new_tokens=12, temperature=0.8, seed=1),
     )
     assert [(r.completion_tokens, r.finish_reason) for r in results] == [(16, "length"), (12, "length")]
+    decoder = engine._decoding.decoder
+    assert decoder.uses_graphs and decoder.graphs_captured >= 1
+    engine.close()
+
+
+def test_cuda_graphs_give_the_eager_and_the_dynamic_paths_tokens(tiny_model_dir):
+    """float32, so that the three paths' different kernels (padded graph buckets, eager
+    shapes, left-padded dynamic cache) cannot flip a greedy choice by rounding."""
+    from tests.unit.test_slot_decoder import WORKLOAD, generate_all
+
+    sampled = [
+        GenerationParams(prompt="Sampled", max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=seed)
+        for seed in range(3)
+    ]
+    results = {}
+    for name, options in {
+        "graphs": {"kv_cache": "slots"},
+        "eager": {"kv_cache": "slots", "cuda_graphs": False},
+        "dynamic": {"kv_cache": "dynamic"},
+    }.items():
+        engine = TransformersEngine(
+            ModelConfig(name="tiny", source=str(tiny_model_dir), dtype="float32", max_batch_size=4, **options),
+            "cuda",
+        )
+        engine.load()
+        results[name] = generate_all(engine, WORKLOAD)
+        if name != "dynamic":  # the dynamic path has its own sampler
+            results[name + " sampled"] = generate_all(engine, sampled)
+        if name == "graphs":
+            assert engine._decoding.decoder.uses_graphs, "capture failed: see the log"
+        engine.close()
+    assert results["graphs"] == results["eager"] == results["dynamic"]
+    assert results["graphs sampled"] == results["eager sampled"]
 
 
 def test_a_serve_replica_lands_on_the_gpu(tiny_model_dir):
-    import ray
+    ray = pytest.importorskip("ray", reason="Ray is not installed on this GPU machine")
     from ray import serve
 
     from serve_app.app import build_app, cluster_gpu_count, resolve_accelerator

@@ -11,15 +11,19 @@ from deployments.transformers_engine import TransformersEngine
 from tests.tiny_model import TINY_CONTEXT_LENGTH
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+@pytest.fixture(scope="module", params=["dynamic", "slots"])
+def engine(tiny_model_dir, request):
     # float32: these tests check the engine's logic against exact references (batched
     # equals alone, chunked equals whole), which bfloat16 rounding would blur; and they
-    # watch every step, so every step is handed over.
-    config = ModelConfig(name="tiny", source=str(tiny_model_dir), dtype="float32", stream_interval_s=0)
+    # watch every step, so every step is handed over. Both KV caches pass every test
+    # (slots run eagerly here; tests/gpu replays them as CUDA graphs).
+    config = ModelConfig(
+        name="tiny", source=str(tiny_model_dir), dtype="float32", stream_interval_s=0, kv_cache=request.param
+    )
     engine = TransformersEngine(config, "cpu")
     engine.load()
-    return engine
+    yield engine
+    engine.close()
 
 
 def run(engine, *params: GenerationParams):
