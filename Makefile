@@ -23,7 +23,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 SYSTEM_PACKAGES := redis-server prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup serve simulate test bench system-packages clean
+.PHONY: help setup serve simulate test bench gpu-bundle system-packages clean
 
 help:
 	@echo "make serve  - install what is missing, then serve configs/serve.yaml on 127.0.0.1:8000"
@@ -31,6 +31,7 @@ help:
 	@echo "make setup  - install only: .venv, CPU torch, the project, the embedded model"
 	@echo "make bench  - throughput benchmark: the service vs the seed design vs the in-process engine"
 	@echo "make simulate - a simulated GPU cluster on this machine: watch nodes and replicas scale (Ctrl-C stops)"
+	@echo "make gpu-bundle - .gpu/ and .whl/: what bench/gpu_check.sh needs on a GPU machine with only torch"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +74,20 @@ bench: setup $(VENV)/.installed-bench
 
 simulate: setup $(VENV)/.installed-bench
 	$(BIN)/python -m bench.simulated_cluster
+
+# What bench/gpu_check.sh needs on a GPU machine that has torch but cannot install:
+# the embedded model's config and tokenizer (models there get random weights) and the
+# wheels of our engine's other imports, for that machine's Python.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := transformers==5.24.0 tokenizers==0.23.3 pydantic==2.14.4 pydantic-core==2.50.5 \
+	pydantic-settings==2.16.3 annotated-types typing-inspection typing-extensions python-dotenv
+
+gpu-bundle: setup
+	mkdir -p .gpu/smollm2-config .whl
+	cd "$$($(BIN)/python -c 'from deployments.model_source import embedded_model_folder; print(embedded_model_folder())')" && \
+		cp config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja $(CURDIR)/.gpu/smollm2-config/
+	$(BIN)/pip download -q -d .whl --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
