@@ -45,9 +45,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import free_port
+from bench.common import free_port, machine
 from bench.simulated_cluster import (
-    ROOT, SimulatedCluster, Timeline, load_serve_config, machine, open_loop, stop_on_sigterm, summarize, to_json,
+    ROOT, SimulatedCluster, Timeline, load_serve_config, open_loop, stop_on_sigterm, summarize, to_json,
 )
 from serve_app.args import AutoscalingArgs
 from tests.fakes import FAKE_ENGINE, fake_source

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import platform
 import socket
+from pathlib import Path
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -15,3 +19,22 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def machine() -> dict:
+    """What a result was measured on: the CPU (model, cores, the flags that decide the
+    dtype and the matmul kernels) and the versions that matter."""
+    cpuinfo = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        cpuinfo.setdefault(key.strip(), value.strip())  # the first CPU's
+    flags = cpuinfo.get("flags", "").split()
+    versions = {}
+    for package in ("torch", "transformers", "ray"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"cpu": cpuinfo.get("model name", platform.processor()), "cores": len(os.sched_getaffinity(0)),
+            "amx": "amx_tile" in flags, "avx512": "avx512f" in flags, "python": platform.python_version(),
+            **versions}

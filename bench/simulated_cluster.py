@@ -24,10 +24,8 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -44,7 +42,7 @@ import psutil
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import free_port, percentile
+from bench.common import free_port, machine, percentile
 
 ROOT = Path(__file__).parents[1]
 RAY = Path(sys.executable).parent / "ray"
@@ -302,18 +300,6 @@ class SimulatedCluster:
 _REQUEST_LOG_LINE = re.compile(
     r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*request_id=\S+ .*ttft_ms=([\d.]+|-) total_ms=([\d.]+)"
 )
-
-
-def machine() -> dict:
-    """What a result was measured on."""
-    cpuinfo = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        cpuinfo.setdefault(key.strip(), value.strip())  # the first CPU's
-    flags = cpuinfo.get("flags", "").split()
-    return {"cpu": cpuinfo.get("model name", platform.processor()), "cores": len(os.sched_getaffinity(0)),
-            "amx": "amx_tile" in flags, "avx512": "avx512f" in flags, "python": platform.python_version(),
-            "ray": importlib.metadata.version("ray")}
 
 
 class Timeline:
