@@ -84,3 +84,74 @@ def test_rayservice_gpu_workers_request_gpus_and_the_head_none():
     assert gpu_group["minReplicas"] <= gpu_group["replicas"] <= gpu_group["maxReplicas"]
     head_image = head["template"]["spec"]["containers"][0]["image"]
     assert container["image"] == head_image
+
+
+def rayservice_containers() -> list[tuple[dict, dict]]:
+    """(pod spec, container) of every Ray container of the RayService."""
+    cluster = load("deploy/kuberay/rayservice.yaml")["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    return [(t["spec"], c) for t in templates for c in t["spec"]["containers"]]
+
+
+def test_cluster_yaml_turns_rays_token_auth_on_and_keeps_the_dashboard_local():
+    config = load("cluster.yaml")
+    commands = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=disabled" not in (ROOT / "cluster.yaml").read_text()
+    assert commands.count("RAY_AUTH_MODE=token") == 2, "every node starts Ray with token auth"
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"], "and every process in the container"
+    assert "--dashboard-host=127.0.0.1" in commands and "0.0.0.0" not in commands
+    # The token comes from the operator's machine, outside the repository.
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_cluster_yaml_never_syncs_secrets_to_the_nodes():
+    config = load("cluster.yaml")
+    excluded = config["rsync_exclude"]
+    for pattern in ("**/api-keys*", "**/.git", "**/auth_token", "**/*.key"):
+        assert pattern in excluded
+    assert ".gitignore" in config["rsync_filter"]
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in ("api-keys*", ".git", ".venv", "**/auth_token"):
+        assert entry in ignored, f"{entry} must stay out of the image"
+
+
+def test_rayservice_turns_token_auth_on_and_never_off():
+    rayservice = load("deploy/kuberay/rayservice.yaml")
+    assert rayservice["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    for _, container in rayservice_containers():
+        assert {"name": "RAY_AUTH_MODE", "value": "disabled"} not in container.get("env", [])
+    assert "disabled" not in (ROOT / "deploy/kuberay/rayservice.yaml").read_text()
+
+
+def test_rayservice_pods_run_unprivileged_with_probes_and_a_model_cache():
+    for pod, container in rayservice_containers():
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+        assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert {"name": "HF_HOME", "value": mounts["model-cache"] + "/huggingface"} in container["env"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        claim = load("deploy/kuberay/model-cache-pvc.yaml")["metadata"]["name"]
+        assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == claim
+
+
+def test_network_policy_admits_the_api_metrics_and_operator_only():
+    policy = load("deploy/kuberay/networkpolicy.yaml")
+    cluster = load("deploy/kuberay/rayservice.yaml")["spec"]["rayClusterConfig"]
+    labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    for group in cluster["workerGroupSpecs"]:
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= group["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = policy["spec"]["ingress"]
+    open_to_all = [rule for rule in rules if "from" not in rule]
+    assert [port["port"] for rule in open_to_all for port in rule["ports"]] == [8000], "only the API is public"
+    restricted = {port["port"]: rule["from"] for rule in rules if "from" in rule for port in rule.get("ports", [])}
+    assert set(restricted) == {8080, 8265, 52365}
+    assert restricted[8265][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    [same_cluster] = [rule for rule in rules if "from" in rule and "ports" not in rule]
+    assert same_cluster["from"] == [{"podSelector": policy["spec"]["podSelector"]}]
