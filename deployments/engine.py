@@ -17,14 +17,21 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 from deployments.config import ModelConfig
-from deployments.protocol import GenerationParams, InvalidRequestError, ModelStatus, SequenceDelta
+from deployments.protocol import (
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_NEW_TOKENS,
+    GenerationParams,
+    InvalidRequestError,
+    ModelStatus,
+    SequenceDelta,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingDefaults:
     """Values used where neither the request nor the model's generation_config sets one."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -101,6 +108,8 @@ def prepare_request(
         max_new_tokens = (
             params.max_new_tokens if params.max_new_tokens is not None else defaults.max_new_tokens
         )
+    # One cap for every way of asking (max_length and a model's default included).
+    max_new_tokens = min(max_new_tokens, MAX_NEW_TOKENS)
     if prompt_tokens + max_new_tokens > context_length:
         length_param = "max_length" if params.max_length is not None else "max_new_tokens"
         raise InvalidRequestError(

@@ -11,6 +11,17 @@ from typing import Literal
 
 FinishReason = Literal["length", "stop", "eos"]
 
+# Most new tokens one sequence may generate, whichever API and field asked (max_new_tokens,
+# max_tokens, or an HF-style max_length, which is capped here rather than refused).
+MAX_NEW_TOKENS = 4096
+# Most new tokens one request may ask for across its prompts and sequences.
+MAX_REQUEST_NEW_TOKENS = 4 * MAX_NEW_TOKENS
+# New tokens of a request that sets no limit, unless the model's generation_config does.
+DEFAULT_MAX_NEW_TOKENS = 64
+# Tokens a prompt may have beyond one per UTF-8 byte: special tokens, and the markup a
+# chat template puts around each message.
+SPECIAL_TOKENS_ALLOWANCE = 16
+
 
 # One chat turn: (role, content).
 ChatMessage = tuple[str, str]
@@ -40,6 +51,23 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     num_return_sequences: int = 1
+
+    def new_tokens_bound(self) -> int:
+        """Most new tokens each sequence can generate (the model's default counts as
+        DEFAULT_MAX_NEW_TOKENS: the ingress cannot know it)."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        if self.max_length is not None:
+            return min(self.max_length, MAX_NEW_TOKENS)
+        return DEFAULT_MAX_NEW_TOKENS
+
+    def worst_case_tokens(self) -> int:
+        """Most tokens (prompt + new) this request can cost, known before tokenizing:
+        a BPE token covers at least one byte of text, so a prompt has at most one token
+        per UTF-8 byte plus special tokens and chat markup."""
+        texts = [self.prompt] if not self.messages else [content for _, content in self.messages]
+        prompt = sum(len(text.encode()) + SPECIAL_TOKENS_ALLOWANCE for text in texts)
+        return prompt + self.num_return_sequences * self.new_tokens_bound()
 
 
 @dataclasses.dataclass(frozen=True)

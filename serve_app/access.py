@@ -121,28 +121,40 @@ class AccessControl:
         return Client(f"key:{name}", self._key_quotas.get(name, self._default_quota))
 
     async def admit(self, request: Request) -> None:
-        """Counts the request against its client's quota.
+        """Counts the request against its client's quota and reserves its worst-case
+        tokens (``request.state.tokens_needed``) against the client's token quotas; the
+        reservation is settled once, by `settle_tokens`, whatever becomes of the request.
 
         Raises:
-            ServiceError: 429 when a limit is spent, 503 when the store failed closed.
+            ServiceError: 429 when a limit is spent or the tokens do not fit, 503 when the
+                store failed closed.
         """
         client: Client = request.state.client
         if self.limiter is None:
             return
+        tokens_needed = getattr(request.state, "tokens_needed", 0)
         try:
-            decision = await self.limiter.admit(client.identity, client.quota)
+            decision = await self.limiter.admit(client.identity, client.quota, tokens_needed)
         except StoreUnavailableError:
             raise ServiceError(503, "rate limiter unavailable; retry shortly", headers={"Retry-After": "1"}) from None
         request.state.rate_limit = decision.state
         if not decision.allowed:
             metrics.record_rate_limited(route_label(request.scope))
             retry_after = max(1, math.ceil(decision.state.reset_after_s))
-            raise ServiceError(
-                429,
-                f"rate limit of {decision.state.limit} per window exceeded for {client.identity}; "
-                f"retry in {retry_after} s",
-                headers={"Retry-After": str(retry_after)},
-            )
+            if decision.refused_tokens:
+                message = (
+                    f"token quota of {decision.state.limit} per window has {decision.state.remaining} left "
+                    f"for {client.identity}; this request may cost up to {tokens_needed} tokens (prompt + "
+                    f"every sequence's max new tokens); lower max_new_tokens or retry in {retry_after} s"
+                )
+            else:
+                message = (
+                    f"rate limit of {decision.state.limit} requests per window exceeded for "
+                    f"{client.identity}; retry in {retry_after} s"
+                )
+            raise ServiceError(429, message, headers={"Retry-After": str(retry_after)})
+        request.state.reservation = decision.reservation
+        request.state.settled = False
 
     def may_overlap(self, request: Request) -> bool:
         """Whether the quota check may run beside the model call rather than before it:
@@ -172,13 +184,17 @@ class AccessControl:
             raise
         return call
 
-    def charge_tokens(self, request: Request, tokens: int) -> None:
-        """Charges a finished request's tokens to its client's token quota; returns at
-        once (the charge runs as a task of its own, so it survives a cancelled caller
-        and the client never waits for the store)."""
-        client: Client = request.state.client
-        if self.limiter is not None:
-            self.limiter.charge_tokens(client.identity, client.quota, tokens)
+    def settle_tokens(self, request: Request, used: int) -> None:
+        """Settles an admitted request's reservation with the tokens it used (0 when it
+        failed before generating); only the first call counts. Returns at once (the
+        settlement runs as a task of its own, so it survives a cancelled caller and
+        the client never waits for the store)."""
+        state = request.state
+        if self.limiter is None or getattr(state, "settled", True):
+            return
+        state.settled = True
+        client: Client = state.client
+        self.limiter.settle_tokens(client.identity, client.quota, used, state.reservation)
 
 
 def cancel_quietly(call) -> None:
@@ -258,7 +274,14 @@ class AccessMiddleware:
             )
             await response(scope, receive, self._with_rate_headers(scope, send))
             return
-        await self.app(scope, receive, self._with_rate_headers(scope, send))
+        try:
+            await self.app(scope, receive, self._with_rate_headers(scope, send))
+        finally:
+            # A request admitted but not settled by its route (an error, a timeout,
+            # a disconnect before generation) gives back its reservation here.
+            if not state.get("settled", True):
+                usage = state.get("usage")
+                self.access.settle_tokens(Request(scope), usage.total_tokens if usage else 0)
 
     def _with_rate_headers(self, scope: Scope, send: Send) -> Send:
         limiter = self.access.limiter

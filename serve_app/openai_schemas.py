@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from deployments.protocol import FinishReason, GenerationParams
+from deployments.protocol import MAX_REQUEST_NEW_TOKENS, FinishReason, GenerationParams
 from serve_app.schemas import MAX_NEW_TOKENS_LIMIT, RepetitionPenalty, Seed, Temperature, TopK, TopP, Usage
 
 def encodable(text: str) -> str:
@@ -140,6 +140,14 @@ class CompletionRequest(_SamplingRequest):
             raise UnsupportedParameterError("best_of", "best_of is supported only equal to n")
         if self.suffix:
             raise UnsupportedParameterError("suffix", "suffix is not supported")
+        asked = len(prompts) * self.n * self.max_tokens if self.max_tokens else 0
+        if asked > MAX_REQUEST_NEW_TOKENS:
+            raise UnsupportedParameterError(
+                "max_tokens",
+                f"{len(prompts)} prompts x n={self.n} x max_tokens={self.max_tokens} asks for {asked} new "
+                f"tokens; one request may ask for at most {MAX_REQUEST_NEW_TOKENS}: send fewer prompts or "
+                "choices per request, or lower max_tokens",
+            )
         return self
 
     @property

@@ -82,11 +82,26 @@ class LimitState:
 class Decision:
     """Whether a request may proceed; ``state`` is the limit nearest to exhaustion (or,
     when refused, the limit that refused it). ``headroom``: every limit and quota is far
-    from spent, so the client's next request is very likely to be admitted too."""
+    from spent, so the client's next request is very likely to be admitted too.
+    ``reservation``: the tokens held against each token quota, to settle at the end."""
 
     allowed: bool
     state: LimitState | None = None
     headroom: bool = False
+    refused_tokens: bool = False
+    reservation: Reservation | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    """Tokens an admitted request holds against its client's token quotas: its worst
+    case (prompt + every sequence's new tokens), charged at admission so that
+    concurrent requests cannot overdraw the quota together. ``windows_end`` is when
+    each quota's window (in order) ended at admission: a refund goes back only to that
+    window."""
+
+    tokens: int
+    windows_end: tuple[float, ...]
 
 
 def far_from_spent(remaining: float, limit: int) -> bool:
@@ -105,23 +120,37 @@ class WindowCounter:
         }
         self._storage = storage
 
-    async def admit(self, identity: str, quota: Quota, strategy: str) -> Decision:
+    async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int = 0) -> Decision:
+        """Counts a request and reserves ``tokens_needed`` against every token quota,
+        or refuses it (nothing counted) when a limit is spent or the reservation does
+        not fit. In the Ray actor nothing else runs between the checks and the counts
+        (MemoryStorage never suspends), so concurrent requests cannot both take the last
+        tokens; with Redis, replicas may race by one request."""
         requests = self._strategies[strategy]
         tokens = self._strategies["fixed-window"]
+        reserve = max(1, tokens_needed)
         for text in quota.tokens:
             item = parse_limit(text)
-            if not await tokens.test(item, "tokens", identity):
-                return Decision(False, await self._state(tokens, item, "tokens", identity))
+            if not await tokens.test(item, "tokens", identity, cost=reserve):
+                return Decision(False, await self._state(tokens, item, "tokens", identity), refused_tokens=True)
         for text in quota.requests:
             item = parse_limit(text)
             if not await requests.hit(item, "requests", identity):
                 return Decision(False, await self._state(requests, item, "requests", identity))
+        reservation = None
+        if quota.tokens and tokens_needed > 0:
+            ends = []
+            for text in quota.tokens:
+                item = parse_limit(text)
+                await tokens.hit(item, "tokens", identity, cost=tokens_needed)
+                ends.append(await self._storage.get_expiry(item.key_for("tokens", identity)))
+            reservation = Reservation(tokens_needed, tuple(ends))
         tightest = await self._tightest(identity, quota, strategy)
         headroom = tightest is None or far_from_spent(tightest.remaining, tightest.limit)
         for text in quota.tokens if headroom else ():
             standing = await self._state(tokens, parse_limit(text), "tokens", identity)
             headroom = headroom and far_from_spent(standing.remaining, standing.limit)
-        return Decision(True, tightest, headroom)
+        return Decision(True, tightest, headroom, reservation=reservation)
 
     async def peek(self, identity: str, quota: Quota, strategy: str) -> LimitState | None:
         return await self._tightest(identity, quota, strategy)
@@ -129,10 +158,20 @@ class WindowCounter:
     async def ping(self) -> bool:
         return await self._storage.check()
 
-    async def charge_tokens(self, identity: str, quota: Quota, tokens: int) -> None:
-        counter = self._strategies["fixed-window"]
-        for text in quota.tokens:
-            await counter.hit(parse_limit(text), "tokens", identity, cost=tokens)
+    async def settle_tokens(self, identity: str, quota: Quota, used: int, reservation: Reservation | None) -> None:
+        """Charges what a request used against what it reserved: the unused part goes
+        back to the window that held it (if that window still runs), and tokens past
+        the reservation are charged to the current window."""
+        reserved = reservation.tokens if reservation else 0
+        for number, text in enumerate(quota.tokens):
+            item = parse_limit(text)
+            key = item.key_for("tokens", identity)
+            same_window = reservation is not None and await self._storage.get_expiry(key) == reservation.windows_end[number]
+            owed = used - reserved if same_window or used > reserved else 0
+            if owed > 0:
+                await self._strategies["fixed-window"].hit(item, "tokens", identity, cost=owed)
+            elif owed < 0:
+                await self._storage.incr(key, item.get_expiry(), amount=owed)
 
     async def _tightest(self, identity: str, quota: Quota, strategy: str) -> LimitState | None:
         states = [
@@ -152,14 +191,14 @@ class _CountsHere:
 
     _counter: WindowCounter
 
-    async def admit(self, identity: str, quota: Quota, strategy: str) -> Decision:
-        return await self._counter.admit(identity, quota, strategy)
+    async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int) -> Decision:
+        return await self._counter.admit(identity, quota, strategy, tokens_needed)
 
     async def peek(self, identity: str, quota: Quota, strategy: str) -> LimitState | None:
         return await self._counter.peek(identity, quota, strategy)
 
-    async def charge_tokens(self, identity: str, quota: Quota, tokens: int) -> None:
-        await self._counter.charge_tokens(identity, quota, tokens)
+    async def settle_tokens(self, identity: str, quota: Quota, used: int, reservation: Reservation | None) -> None:
+        await self._counter.settle_tokens(identity, quota, used, reservation)
 
 
 @ray.remote(num_cpus=0)
@@ -181,13 +220,13 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    async def admit(self, identity: str, quota: Quota, strategy: str) -> Decision: ...
+    async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int) -> Decision: ...
 
     @abc.abstractmethod
     async def peek(self, identity: str, quota: Quota, strategy: str) -> LimitState | None: ...
 
     @abc.abstractmethod
-    async def charge_tokens(self, identity: str, quota: Quota, tokens: int) -> None: ...
+    async def settle_tokens(self, identity: str, quota: Quota, used: int, reservation: Reservation | None) -> None: ...
 
     @abc.abstractmethod
     async def ping(self) -> None:
@@ -222,14 +261,14 @@ class RayActorBackend(Backend):
             ).remote()
         return self._actor
 
-    async def admit(self, identity: str, quota: Quota, strategy: str) -> Decision:
-        return await self._store().admit.remote(identity, quota, strategy)
+    async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int) -> Decision:
+        return await self._store().admit.remote(identity, quota, strategy, tokens_needed)
 
     async def peek(self, identity: str, quota: Quota, strategy: str) -> LimitState | None:
         return await self._store().peek.remote(identity, quota, strategy)
 
-    async def charge_tokens(self, identity: str, quota: Quota, tokens: int) -> None:
-        await self._store().charge_tokens.remote(identity, quota, tokens)
+    async def settle_tokens(self, identity: str, quota: Quota, used: int, reservation: Reservation | None) -> None:
+        await self._store().settle_tokens.remote(identity, quota, used, reservation)
 
     async def ping(self) -> None:
         await self._store().ping.remote()
@@ -303,15 +342,16 @@ class RateLimiter:
             logger.warning("rate-limit store (%s) did not answer at start: %r", self._backend.name, exc)
             return False
 
-    async def admit(self, identity: str, quota: Quota) -> Decision:
-        """Counts a request against ``quota``; refuses it when a limit is exhausted.
+    async def admit(self, identity: str, quota: Quota, tokens_needed: int = 0) -> Decision:
+        """Counts a request against ``quota`` and reserves ``tokens_needed`` against its
+        token quotas; refuses it when a limit is exhausted or the tokens do not fit.
 
         Raises:
             StoreUnavailableError: the store failed and ``fail_open`` is off.
         """
         if quota.unlimited:
             return Decision(True)
-        decision = await self._call(self._backend.admit(identity, quota, self._strategy))
+        decision = await self._call(self._backend.admit(identity, quota, self._strategy, tokens_needed))
         if decision is None:
             self._headroom_until.pop(identity, None)
             if not self._fail_open:
@@ -328,12 +368,13 @@ class RateLimiter:
             return None
         return await self._call(self._backend.peek(identity, quota, self._strategy))
 
-    def charge_tokens(self, identity: str, quota: Quota, tokens: int) -> None:
-        """Charges tokens once they are known, off the request's path."""
-        if not quota.tokens or tokens <= 0:
+    def settle_tokens(self, identity: str, quota: Quota, used: int, reservation: Reservation | None) -> None:
+        """Settles a finished request's tokens against its reservation, off the
+        request's path (a task of its own: it survives a cancelled caller)."""
+        if not quota.tokens or (used <= 0 and reservation is None):
             return
         task = asyncio.get_running_loop().create_task(
-            self._call(self._backend.charge_tokens(identity, quota, tokens))
+            self._call(self._backend.settle_tokens(identity, quota, used, reservation))
         )
         self._background.add(task)  # keep a reference until done
         task.add_done_callback(self._background.discard)
@@ -357,7 +398,7 @@ class RateLimiter:
             logger.warning("rate-limit store (%s) answers again", self._backend.name)
         return result
 
-    async def wait_for_charges(self) -> None:
-        """Waits for pending token charges (tests and shutdown)."""
+    async def wait_for_settlements(self) -> None:
+        """Waits for pending token settlements (tests and shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)

@@ -6,9 +6,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
-from deployments.protocol import GenerationParams, GenerationResult
+from deployments.protocol import MAX_NEW_TOKENS, GenerationParams, GenerationResult
 
-MAX_NEW_TOKENS_LIMIT = 4096
+MAX_NEW_TOKENS_LIMIT = MAX_NEW_TOKENS
 MAX_SEED = 2**63 - 1
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 # The sampling bounds, one definition for /generate and /v1 alike.

@@ -88,6 +88,7 @@ async def generate(
     Raises:
         ServiceError: 503 (model queue full, replica failed twice), 504 (deadline).
     """
+    request.state.tokens_needed = sum(one.worst_case_tokens() for one in params)
     _, results = await _start(
         request, access, handle,
         lambda: _Calls(handle.generate.remote(one) for one in params),
@@ -96,7 +97,7 @@ async def generate(
     request.state.usage = usage_of(
         sum(result.prompt_tokens for result in results), sum(result.completion_tokens for result in results)
     )
-    access.charge_tokens(request, request.state.usage.total_tokens)
+    access.settle_tokens(request, request.state.usage.total_tokens)
     return results
 
 
@@ -110,6 +111,7 @@ async def open_stream(
         InvalidRequestError: the model rejected the request (before any byte was sent).
         ServiceError: 503 or 504, as for `generate`.
     """
+    request.state.tokens_needed = params.worst_case_tokens()
     return await _start(
         request, access, handle,
         lambda: handle.options(stream=True).generate_stream.remote(params),
@@ -201,5 +203,5 @@ async def relay(
     finally:
         cancel_quietly(stream)  # nothing left to stop after a normal end; stops the model if the client left
         request.state.usage = usage_of(start.prompt_tokens, sum(completion_tokens))
-        access.charge_tokens(request, request.state.usage.total_tokens)
+        access.settle_tokens(request, request.state.usage.total_tokens)
     yield "data: [DONE]\n\n"

@@ -17,6 +17,7 @@ from tests.integration.conftest import deploy, free_port
 pytestmark = pytest.mark.integration
 
 KEY_SMALL = "small-quota-key-0123456789"
+KEY_BURST = "burst-key-0123456789abcdef"
 KEY_OTHER = "other-quota-key-0123456789"
 
 
@@ -120,10 +121,13 @@ def test_killing_the_limiter_actor_never_gives_a_500(limits_url):
 @pytest.fixture(scope="module")
 def keys_url(serve_base_url, tiny_model_dir, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("keys") / "api-keys"
-    key_file.write_text(f"small:{KEY_SMALL}\nother:{KEY_OTHER}\n")
+    key_file.write_text(f"small:{KEY_SMALL}\nother:{KEY_OTHER}\nburst:{KEY_BURST}\n")
     rate_limits = RateLimitArgs(
         default=QuotaArgs(requests=["100/minute"]),
-        keys={"small": QuotaArgs(requests=["100/minute"], tokens=["30/minute"])},
+        keys={
+            "small": QuotaArgs(requests=["100/minute"], tokens=["100/minute"]),
+            "burst": QuotaArgs(requests=["100/minute"], tokens=["100/minute"]),
+        },
     )
     args = limited_app(tiny_model_dir, rate_limits, AuthArgs(enabled=True, keys_file=key_file))
     url = deploy(serve_base_url, args, "keys")
@@ -131,27 +135,48 @@ def keys_url(serve_base_url, tiny_model_dir, tmp_path_factory):
     serve.delete("keys")
 
 
-def test_a_keys_token_quota_stops_it_after_its_tokens(keys_url):
+QUOTA_PROBE = {"prompt": "one two three four", "max_new_tokens": 6, "temperature": 0}
+# What each probe reserves: one token per prompt byte, 16 special tokens, 6 new.
+PROBE_WORST_CASE = len(QUOTA_PROBE["prompt"]) + 16 + 6
+
+
+def test_a_keys_token_quota_stops_it_before_it_can_overdraw(keys_url):
     def generate(key):
         return httpx.post(
-            f"{keys_url}/generate",
-            json={"prompt": "one two three four", "max_new_tokens": 6, "temperature": 0},
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=60,
+            f"{keys_url}/generate", json=QUOTA_PROBE, headers={"Authorization": f"Bearer {key}"}, timeout=60
         )
 
     statuses, spent = [], 0
-    while len(statuses) < 6:
+    while len(statuses) < 12:
         response = generate(KEY_SMALL)
         statuses.append(response.status_code)
         if response.status_code == 429:
             break
         spent += response.json()["usage"]["total_tokens"]
-        time.sleep(0.3)  # tokens are charged just after the response
-    assert statuses[-1] == 429 and spent >= 30
-    assert spent - response.json().get("usage", {}).get("total_tokens", 0) < 30 + 12
+        time.sleep(0.3)  # the unused reservation is given back just after the response
+    assert statuses[-1] == 429 and statuses[:-1] == [200] * (len(statuses) - 1)
+    assert spent <= 100 < spent + PROBE_WORST_CASE, "refused exactly when its worst case no longer fits"
+    assert "token quota of 100 per window" in response.json()["error"]["message"]
     assert generate(KEY_OTHER).status_code == 200, "another key has its own quota"
     assert httpx.post(f"{keys_url}/generate", json={"prompt": "hi"}, timeout=60).status_code == 401
+
+
+def test_concurrent_requests_cannot_overdraw_a_token_quota(keys_url):
+    """Eight requests at once against 100 tokens, each able to cost 40: admission
+    reserves the worst case, so at most two run, and the key is charged what they used."""
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(
+                client.post(f"{keys_url}/generate", json=QUOTA_PROBE, headers={"X-API-Key": KEY_BURST})
+                for _ in range(8)
+            ))
+
+    responses = asyncio.run(burst())
+    admitted = [r for r in responses if r.status_code == 200]
+    assert 1 <= len(admitted) <= 100 // PROBE_WORST_CASE
+    assert {r.status_code for r in responses} <= {200, 429}
+    assert sum(r.json()["usage"]["total_tokens"] for r in admitted) <= 100
 
 
 @pytest.fixture(scope="module")

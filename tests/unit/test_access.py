@@ -1,5 +1,6 @@
 """Identity, API keys and rate-limit headers, without Ray (counters in local memory)."""
 
+import asyncio
 import ipaddress
 import hashlib
 
@@ -164,16 +165,70 @@ def test_api_keys_gate_and_identify_clients():
         assert [generate(BOB_KEY).status_code for _ in range(2)] == [200, 429]
 
 
-def test_token_quota_stops_a_client_after_its_tokens():
-    access = AccessControl(memory_limiter(), Quota(tokens=("25/minute",)))
+def test_token_quota_reserves_the_worst_case_and_keeps_only_what_was_used():
+    access = AccessControl(memory_limiter(), Quota(tokens=("80/minute",)))
     with make_client(access) as client:
         statuses = []
-        for _ in range(4):
+        for _ in range(8):
             response = client.post("/generate", json={"prompt": "abcde", "max_new_tokens": 5})
             statuses.append(response.status_code)
-            client.portal.call(access.limiter.wait_for_charges)
-        # 10 tokens each: 10, 20, then 30 > 25 is charged in full, so the fourth is refused.
-        assert statuses == [200, 200, 200, 429]
+            client.portal.call(access.limiter.wait_for_settlements)
+        # Each reserves 5 bytes + 16 special + 5 new = 26 and uses 10 (the fake counts
+        # characters): admitted while 10 per request used + 26 fit in 80.
+        assert statuses == [200] * 6 + [429, 429]
+        assert "token quota of 80 per window has 20 left" in response.json()["error"]["message"]
+        assert "may cost up to 26 tokens" in response.json()["error"]["message"]
+
+
+def test_concurrent_requests_cannot_overdraw_a_token_quota():
+    """The reservation is taken at admission: four requests in flight against 80 tokens
+    cannot all be admitted, however little each ends up using."""
+    async def scenario():
+        limiter = memory_limiter()
+        quota = Quota(tokens=("80/minute",))
+        decisions = [await limiter.admit("ip:a", quota, tokens_needed=26) for _ in range(4)]
+        admitted = [d for d in decisions if d.allowed]
+        for decision in admitted:
+            limiter.settle_tokens("ip:a", quota, 10, decision.reservation)
+        await limiter.wait_for_settlements()
+        after = await limiter.admit("ip:a", quota, tokens_needed=50)  # 30 used: 50 fits
+        return [d.allowed for d in decisions], after.allowed
+
+    assert asyncio.run(scenario()) == ([True, True, True, False], True)
+
+
+def test_a_failed_request_gives_its_reservation_back():
+    """The model refuses the prompt (422, over its context): nothing was generated, so
+    nothing stays charged, and the next request finds the whole quota."""
+    from tests.fakes import FAKE_CONTEXT_LENGTH
+
+    long_prompt = "x" * FAKE_CONTEXT_LENGTH
+    worst_case = len(long_prompt) + 16 + 4
+    access = AccessControl(memory_limiter(), Quota(tokens=(f"{worst_case}/minute",)))
+    with make_client(access) as client:
+        refused = client.post("/generate", json={"prompt": long_prompt, "max_new_tokens": 4})
+        client.portal.call(access.limiter.wait_for_settlements)
+        assert refused.status_code == 422, refused.text
+        short = client.post("/generate", json={"prompt": "x" * (FAKE_CONTEXT_LENGTH - 12), "max_new_tokens": 12})
+        assert short.status_code == 200, "the whole quota is free again: " + short.text
+
+
+def test_a_settlement_after_the_window_renewed_refunds_nothing():
+    from serve_app.rate_limit import Reservation, WindowCounter
+    from limits.aio.storage import MemoryStorage
+
+    async def scenario():
+        counter = WindowCounter(MemoryStorage())
+        quota = Quota(tokens=("100/minute",))
+        decision = await counter.admit("ip:a", quota, "fixed-window", tokens_needed=60)
+        stale = Reservation(60, tuple(end - 60 for end in decision.reservation.windows_end))
+        await counter.settle_tokens("ip:a", quota, 10, stale)  # from a window that ended
+        refused = await counter.admit("ip:a", quota, "fixed-window", tokens_needed=50)
+        await counter.settle_tokens("ip:a", quota, 10, decision.reservation)  # its own window
+        admitted = await counter.admit("ip:a", quota, "fixed-window", tokens_needed=50)
+        return refused.allowed, admitted.allowed
+
+    assert asyncio.run(scenario()) == (False, True)
 
 
 def test_headroom_is_remembered_only_far_from_the_limit():

@@ -61,3 +61,22 @@ def test_model_generation_config_overrides_only_what_it_sets():
     assert (tuned.temperature, tuned.top_p, tuned.top_k) == (0.6, 0.9, 0)
     greedy = model_sampling_defaults(GenerationConfig(do_sample=False, max_new_tokens=20))
     assert greedy.temperature == 0.0 and greedy.max_new_tokens == 20
+
+
+def test_max_length_cannot_ask_for_more_new_tokens_than_the_cap():
+    """max_length bounds prompt + new tokens; with a long context it could ask for more
+    new tokens than max_new_tokens may (4096): it is capped, as every other way of asking."""
+    from deployments.protocol import MAX_NEW_TOKENS
+
+    prepared = prepare_request(GenerationParams(prompt="x", max_length=20000), [1, 2, 3], 32768)
+    assert prepared.max_new_tokens == MAX_NEW_TOKENS
+    generous = SamplingDefaults(max_new_tokens=10000)
+    assert prepare_request(GenerationParams(prompt="x"), [1], 32768, generous).max_new_tokens == MAX_NEW_TOKENS
+
+
+def test_worst_case_tokens_bound_what_a_request_can_cost():
+    plain = GenerationParams(prompt="héllo", max_new_tokens=10, num_return_sequences=3)
+    assert plain.worst_case_tokens() == len("héllo".encode()) + 16 + 3 * 10
+    chat = GenerationParams(messages=(("system", "be brief"), ("user", "hi")))
+    assert chat.worst_case_tokens() == (8 + 16) + (2 + 16) + 64  # default new tokens
+    assert GenerationParams(prompt="x", max_length=9000).new_tokens_bound() == 4096

@@ -154,3 +154,13 @@ def test_native_routes_keep_their_own_error_shape(http):
     raw = http.post("/v1/completions", content=b"{", headers={"Content-Type": "application/json"})
     assert raw.status_code == 400 and set(raw.json()["error"]) == {"type", "message", "param", "code"}
     assert json.loads(raw.text)["error"]["code"] is None
+
+
+def test_one_request_cannot_ask_for_more_than_the_request_cap(client):
+    """4 prompts x n=4 x 4096 tokens would be 65536 new tokens from one request."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="fake", prompt=["a", "b", "c", "d"], n=4, max_tokens=4096)
+    assert caught.value.body["param"] == "max_tokens"
+    assert "asks for 65536 new tokens; one request may ask for at most 16384" in caught.value.body["message"]
+    allowed = client.completions.create(model="fake", prompt=["a", "b"], n=2, max_tokens=3)
+    assert len(allowed.choices) == 4
