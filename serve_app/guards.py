@@ -79,6 +79,9 @@ class RequestGuardMiddleware:
                 await error_response(413, self._too_large_message(), openai=openai)(scope, receive, send)
                 return
             receive = _replay(body, receive)
+        if route_path(scope) in _NEVER_SHED:  # probes neither wait nor count as load
+            await self.app(scope, receive, send)
+            return
         self.in_flight += 1
         try:
             await self.app(scope, receive, send)

@@ -33,6 +33,9 @@ from serve_app.schemas import ErrorResponse, GenerateRequest, GenerateResponse, 
 logger = logging.getLogger("ray.serve")
 
 READINESS_TIMEOUT_S = 2.0
+# How long a readiness answer is reused: probes from every kubelet and load balancer
+# then cost one look at the models per second per ingress replica, whatever their rate.
+READINESS_CACHE_S = 1.0
 # Every status a route can answer besides 200, so the OpenAPI schema (and the fuzzing
 # test that checks responses against it) is complete.
 ERROR_RESPONSES = {
@@ -67,6 +70,10 @@ class Ingress:
         self.limits = limits or IngressArgs()
         self._scale_to_zero = scale_to_zero
         self._app_name: str | None = None
+        self._model_details: dict[str, dict] = {}  # each model's status, once it answered
+        self._readiness: dict[str, dict | None] | None = None
+        self._readiness_at = 0.0
+        self._readiness_check: asyncio.Future | None = None
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         # Built in the replica: the environment (keys, TEXTGEN_RATE_LIMIT) is the replica's,
@@ -115,37 +122,73 @@ class Ingress:
         request.state.model = name
         return handle
 
-    async def model_readiness(self, timeout_s: float) -> dict[str, dict | None]:
-        """Each model's readiness: its replica's status, or None where no replica
-        answered within ``timeout_s`` (a replica still loading cannot answer).
+    async def readiness(self) -> dict[str, dict | None]:
+        """`model_readiness`, reused for READINESS_CACHE_S; concurrent probes share the
+        one check in flight."""
+        loop = asyncio.get_running_loop()
+        if self._readiness is not None and loop.time() - self._readiness_at < READINESS_CACHE_S:
+            return self._readiness
+        if self._readiness_check is None:
+            self._readiness_check = asyncio.ensure_future(self.model_readiness(READINESS_TIMEOUT_S))
 
-        A model that may scale to zero is never asked through its handle: with no
-        replica, the call would wait in the handle's queue and start one, so every
-        probe would wake the model up. Serve's controller says instead whether its
-        deployment is healthy; it is ready with no replica, since a request then
-        waits for one to start."""
+            def remember(check: asyncio.Future) -> None:
+                self._readiness_check = None
+                if not check.cancelled() and check.exception() is None:
+                    self._readiness, self._readiness_at = check.result(), loop.time()
+
+            self._readiness_check.add_done_callback(remember)
+        return await asyncio.shield(self._readiness_check)
+
+    async def model_readiness(self, timeout_s: float) -> dict[str, dict | None]:
+        """Each model's readiness: its status (name, context, device, dtype), or None
+        while it is not ready.
+
+        In a Serve replica, Serve's controller says which deployments are healthy with
+        a replica running; a model's own status is asked through its handle only until
+        it first answers. A probe must not wait behind generations in a busy model's
+        queue (nor be refused by it): under load that would report a serving model as
+        not ready. A model that may scale to zero is ready with no replica (a request
+        then waits for one to start), and is never asked: the call would wake it up.
+        Outside Serve (in-process tests) every model is asked through its handle."""
+        deployments = None
+        if self._app_name is not None:
+            try:
+                deployments = await asyncio.wait_for(asyncio.to_thread(self._deployments), timeout_s)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - the controller did not answer
+                return dict.fromkeys(self._models)
+
+        async def asked(handle: DeploymentHandle) -> dict | None:
+            try:
+                return dataclasses.asdict(await asyncio.wait_for(handle.status.remote(), timeout_s))
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - no answer, whatever the cause
+                return None
 
         async def status_of(name: str, handle: DeploymentHandle) -> dict | None:
-            try:
-                if name in self._scale_to_zero:
-                    return await asyncio.wait_for(asyncio.to_thread(self._on_demand_status, handle), timeout_s)
-                return dataclasses.asdict(await asyncio.wait_for(handle.status.remote(), timeout_s))
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - not ready, whatever the cause
+            if deployments is None:
+                return await asked(handle)
+            deployment = deployments.get(handle.deployment_name)
+            if deployment is None or deployment.status in (DeploymentStatus.UNHEALTHY, DeploymentStatus.DEPLOY_FAILED):
                 return None
+            running = deployment.replica_states.get(ReplicaState.RUNNING, 0)
+            summary = {"deployment_status": str(deployment.status.value), "running_replicas": running}
+            if name in self._scale_to_zero:
+                return {"scales_to_zero": True, **summary}
+            if running == 0:
+                return None
+            # A running replica has loaded its model (ModelServer loads in __init__);
+            # its details are asked once, and are a nicety: a busy model stays ready.
+            if name not in self._model_details:
+                details = await asked(handle)
+                if details is not None:
+                    self._model_details[name] = details
+            return {**self._model_details.get(name, {}), **summary}
 
         statuses = await asyncio.gather(*(status_of(*item) for item in self._models.items()))
         return dict(zip(self._models, statuses, strict=True))
 
-    def _on_demand_status(self, handle: DeploymentHandle) -> dict | None:
-        """A scale-to-zero model's deployment as Serve's controller sees it (blocking)."""
-        deployment = serve.status().applications[self._app_name].deployments[handle.deployment_name]
-        if deployment.status in (DeploymentStatus.UNHEALTHY, DeploymentStatus.DEPLOY_FAILED):
-            return None
-        return {
-            "scales_to_zero": True,
-            "deployment_status": str(deployment.status.value),
-            "running_replicas": deployment.replica_states.get(ReplicaState.RUNNING, 0),
-        }
+    def _deployments(self) -> dict:
+        """This application's deployments as Serve's controller sees them (blocking)."""
+        return serve.status().applications[self._app_name].deployments
 
 
 def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
@@ -180,7 +223,7 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
         },
     )
     async def readyz() -> JSONResponse:
-        statuses = await ingress.model_readiness(READINESS_TIMEOUT_S)
+        statuses = await ingress.readiness()
         ready = all(status is not None for status in statuses.values())
         body = {"status": "ready" if ready else "loading", "models": statuses}
         return JSONResponse(

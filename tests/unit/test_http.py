@@ -1,7 +1,9 @@
 """The HTTP side without Ray: the FastAPI app over a fake model handle."""
 
+import asyncio
 import json
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -233,3 +235,58 @@ def test_a_slow_generation_past_its_deadline_is_504():
             events = stream.read().decode().strip().split("\n\n")
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2].removeprefix("data: "))["error"]["type"] == "timeout_error"
+
+
+def test_probes_share_one_readiness_check_per_second():
+    class Counting(FakeModelHandle):
+        calls = 0
+
+        async def _status(self):
+            Counting.calls += 1
+            await asyncio.sleep(0.2)  # probes arriving meanwhile join this check
+            return await super()._status()
+
+    engine = FakeEngine(ModelConfig(name="fake", source=fake_source()), "cpu")
+    app = create_api(make_ingress({"fake": Counting(engine)}), NO_LIMITS)
+
+    async def probes():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            first = await asyncio.gather(*(client.get("/readyz") for _ in range(20)))
+            again = await client.get("/readyz")  # within the second: the same answer
+            await asyncio.sleep(1.1)
+            later = await client.get("/readyz")
+            return first, again, later
+
+    first, again, later = asyncio.run(probes())
+    assert {r.status_code for r in [*first, again, later]} == {200}
+    assert Counting.calls == 2, "one check for the 21 probes of the first second, one after"
+
+
+def test_probes_answer_and_count_nothing_when_the_ingress_is_full():
+    """A slow readiness check does not take the ingress's one request slot, and a full
+    ingress still answers its probes."""
+    from serve_app.args import IngressArgs
+
+    class SlowStatus(FakeModelHandle):
+        async def _status(self):
+            await asyncio.sleep(0.5)
+            return await super()._status()
+
+    engine = FakeEngine(ModelConfig(name="fake", source=fake_source(step_s=0.05)), "cpu")
+    ingress = Ingress({"fake": SlowStatus(engine)}, RateLimitArgs(enabled=False), AuthArgs(),
+                      IngressArgs(max_ongoing_requests=1))
+    app = create_api(ingress, NO_LIMITS)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            probe = asyncio.ensure_future(client.get("/readyz"))
+            await asyncio.sleep(0.1)  # the probe waits for the model's status
+            busy = asyncio.ensure_future(client.post("/generate", json={"prompt": "a", "max_new_tokens": 20}))
+            await asyncio.sleep(0.2)  # now the one request slot is taken
+            shed = await client.post("/generate", json={"prompt": "b", "max_new_tokens": 1})
+            healthy = await client.get("/healthz")
+            return (await probe).status_code, (await busy).status_code, shed.status_code, healthy.status_code
+
+    assert asyncio.run(scenario()) == (200, 200, 503, 200)
