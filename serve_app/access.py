@@ -8,9 +8,13 @@ import dataclasses
 import ipaddress
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
+from limits import parse
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -92,12 +96,24 @@ class AccessControl:
         key_quotas: Mapping[str, Quota] | None = None,
         api_keys: ApiKeys | None = None,
         trusted_proxies: Sequence[Network] = (),
+        unauthenticated_limit: str = AuthArgs.model_fields["unauthenticated_limit"].default,
     ) -> None:
         self.limiter = limiter
         self._default_quota = default_quota
         self._key_quotas = dict(key_quotas or {})
         self._api_keys = api_keys
         self._trusted_proxies = list(trusted_proxies)
+        self._unauthenticated_limit = parse(unauthenticated_limit)
+        self._unauthenticated = MovingWindowRateLimiter(MemoryStorage())
+
+    async def unauthenticated_retry_after(self, client: Client) -> int | None:
+        """Counts a request without a valid key against its address's allowance, in
+        this replica's memory (never the shared store: those requests cost their
+        senders nothing). Returns None while within it, else seconds to wait."""
+        if await self._unauthenticated.hit(self._unauthenticated_limit, "unauthenticated", client.identity):
+            return None
+        stats = await self._unauthenticated.get_window_stats(self._unauthenticated_limit, "unauthenticated", client.identity)
+        return max(1, math.ceil(stats.reset_time - time.time()))
 
     def anonymous(self, scope: Scope) -> Client:
         return Client(f"ip:{client_address(scope, self._trusted_proxies)}", self._default_quota)
@@ -245,6 +261,7 @@ def build_access_control(
         {name: quota.to_quota() for name, quota in rate_limits.keys.items()},
         api_keys,
         rate_limits.trusted_proxies,
+        auth.unauthenticated_limit,
     )
 
 
@@ -268,11 +285,20 @@ class AccessMiddleware:
         try:
             state["client"] = self.access.identify(scope)
         except UnauthenticatedError as exc:
-            state["client"] = self.access.anonymous(scope)
-            response = error_response(
-                exc.status_code, exc.message, None, exc.error_type, exc.headers, speaks_openai(scope)
-            )
-            await response(scope, receive, self._with_rate_headers(scope, send))
+            # Answered without the shared store (no count, no X-RateLimit-* headers):
+            # a keyless flood must not slow the store, or switch limits off for everyone
+            # by tripping fail_open. Past its address's allowance, 429 instead of 401.
+            client = state["client"] = self.access.anonymous(scope)
+            retry_after = await self.access.unauthenticated_retry_after(client)
+            if retry_after is None:
+                status, message, error_type, headers = exc.status_code, exc.message, exc.error_type, exc.headers
+            else:
+                status, error_type, headers = 429, None, {"Retry-After": str(retry_after)}
+                message = f"too many requests without a valid API key from {client.identity}; retry in {retry_after} s"
+            await error_response(status, message, None, error_type, headers, speaks_openai(scope))(scope, receive, send)
+            return
+        if route_path(scope) in OPEN_PATHS:  # probes and the schema: never counted, no headers
+            await self.app(scope, receive, send)
             return
         try:
             await self.app(scope, receive, self._with_rate_headers(scope, send))

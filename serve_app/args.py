@@ -405,6 +405,23 @@ class AuthArgs(BaseModel):
             "TEXTGEN_API_KEYS_FILE add keys from the environment."
         ),
     )
+    unauthenticated_limit: str = Field(
+        default="60/minute",
+        description=(
+            "Requests without a valid key each client address may send (401 each) before "
+            "getting 429, counted in each ingress replica's memory: a flood of keyless "
+            "requests never reaches the shared rate-limit store."
+        ),
+    )
+
+    @field_validator("unauthenticated_limit")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a limit like 60/minute: {exc}") from None
+        return value
 
 
 class AppArgs(BaseModel):

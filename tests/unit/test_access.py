@@ -120,7 +120,7 @@ def memory_limiter() -> RateLimiter:
     return RateLimiter(StorageBackend("memory://"), "moving-window", fail_open=True, timeout_s=1)
 
 
-def test_limit_gives_429_with_retry_after_and_headers_everywhere():
+def test_limit_gives_429_with_retry_after_and_headers_on_counted_routes():
     access = AccessControl(memory_limiter(), Quota(requests=("3/minute",)))
     with make_client(access) as client:
         responses = [client.post("/generate", json={"prompt": "a", "max_new_tokens": 1}) for _ in range(5)]
@@ -134,7 +134,8 @@ def test_limit_gives_429_with_retry_after_and_headers_everywhere():
         # Responses that count nothing still report the standing.
         invalid = client.post("/generate", json={"prompt": ""})
         assert invalid.status_code == 422 and invalid.headers["X-RateLimit-Remaining"] == "0"
-        assert client.get("/healthz").headers["X-RateLimit-Limit"] == "3"
+        # Probes are never counted, so they report no standing (and cost no store call).
+        assert "X-RateLimit-Limit" not in client.get("/healthz").headers
 
 
 def test_invalid_requests_do_not_use_up_the_limit():
@@ -163,6 +164,39 @@ def test_api_keys_gate_and_identify_clients():
 
         assert [generate(ALICE_KEY).status_code for _ in range(3)] == [200, 200, 429]
         assert [generate(BOB_KEY).status_code for _ in range(2)] == [200, 429]
+
+
+class CountingBackend(StorageBackend):
+    """The memory store, counting the calls that reach it."""
+
+    calls = 0
+
+    async def admit(self, *args):
+        CountingBackend.calls += 1
+        return await super().admit(*args)
+
+    async def peek(self, *args):
+        CountingBackend.calls += 1
+        return await super().peek(*args)
+
+
+def test_requests_without_a_valid_key_never_reach_the_store_and_are_limited_per_address():
+    keys = ApiKeys(parse_key_entries(f"alice:{ALICE_KEY}", "test"))
+    limiter = RateLimiter(CountingBackend("memory://"), "moving-window", fail_open=True, timeout_s=1)
+    access = AccessControl(limiter, Quota(requests=("100/minute",)), api_keys=keys, unauthenticated_limit="3/minute")
+    with make_client(access) as client:
+        statuses = [client.post("/generate", json={"prompt": "a"}, headers={"X-API-Key": "wrong"}).status_code
+                    for _ in range(5)]
+        probes = [client.get("/healthz").status_code, client.get("/readyz").status_code]
+        assert CountingBackend.calls == 0, "no store round trip for a 401, a 429 without a key, or a probe"
+        assert statuses == [401, 401, 401, 429, 429]
+        refused = client.post("/generate", json={"prompt": "a"})
+        assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert "without a valid API key" in refused.json()["error"]["message"]
+        assert "X-RateLimit-Limit" not in refused.headers
+        assert probes == [200, 200]
+        ok = client.post("/generate", json={"prompt": "a", "max_new_tokens": 1}, headers={"X-API-Key": ALICE_KEY})
+        assert ok.status_code == 200 and CountingBackend.calls >= 1, "a keyed request still counts"
 
 
 def test_token_quota_reserves_the_worst_case_and_keeps_only_what_was_used():
