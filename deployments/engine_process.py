@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import subprocess
 import sys
 import threading
@@ -60,15 +61,44 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 class _Sender:
-    """Sends on a Connection from several threads (one message at a time)."""
+    """The one writer of a Connection: `send` queues the message and returns at once; a
+    thread of its own writes them, in order.
+
+    Why: a send blocks while the other side's socket buffer is full. When each side
+    sent from the thread that also reads (the engine process's event loop; the
+    replica's reader thread, cancelling), both could block in send with neither
+    reading: a deadlock under large or many messages. Now no reader ever writes.
+    """
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
-        self._lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._failure: OSError | None = None
+        self._writer = threading.Thread(target=self._write_forever, name="connection-writer", daemon=True)
+        self._writer.start()
 
     def send(self, message: tuple) -> None:
-        with self._lock:
-            self._connection.send(message)
+        """Queues ``message``.
+
+        Raises:
+            OSError: an earlier write failed (the other side is gone).
+        """
+        if self._failure is not None:
+            raise self._failure
+        self._outbox.put(message)
+
+    def flush(self, timeout_s: float) -> None:
+        """Stops the writer after what is queued and waits up to ``timeout_s`` for it."""
+        self._outbox.put(None)
+        self._writer.join(timeout_s)
+
+    def _write_forever(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._connection.send(message)
+            except OSError as exc:  # the other side closed: later sends raise it
+                self._failure = exc
+                return
 
 
 @dataclasses.dataclass
@@ -194,6 +224,7 @@ class EngineProcess(Engine):
         self._closing = True
         try:
             self._sender.send(("stop",))
+            self._sender.flush(EXIT_TIMEOUT_S)
             self._process.wait(timeout=EXIT_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired):
             self._process.kill()
@@ -340,9 +371,11 @@ def _serve_engine(connection: Connection) -> None:
     except Exception as exc:  # noqa: BLE001 - every load failure goes to the replica
         logger.exception("the engine process could not load model %s", config.name)
         sender.send(("load_failed", _portable(exc)))
+        sender.flush(EXIT_TIMEOUT_S)
         return
     sender.send(ready)
     asyncio.run(_EngineHost(engine, connection, sender).serve())
+    sender.flush(EXIT_TIMEOUT_S)
 
 
 if __name__ == "__main__":

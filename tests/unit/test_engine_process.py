@@ -217,3 +217,35 @@ def test_niceness_without_an_engine_process_is_refused():
     with pytest.raises(ValueError, match="engine_niceness applies to an engine process"):
         ModelConfig(engine_process=False, engine_niceness=5)
     assert ModelConfig(engine_process=False).engine_niceness == 0
+
+
+def test_sending_never_blocks_on_a_reader_that_stalls():
+    """Large messages to a side that is not reading: each send returns at once (a
+    writer thread holds them), and they all arrive, in order, once it reads. A send
+    that blocked here is how the replica and its engine process could deadlock, each
+    stuck writing to the other."""
+    import multiprocessing
+    import threading
+
+    from deployments.engine_process import _Sender
+
+    ours, theirs = multiprocessing.Pipe()
+    sender = _Sender(ours)
+    payload = "x" * (1 << 20)  # far beyond a socket buffer
+    sent = threading.Event()
+
+    def send_all():
+        for number in range(20):
+            sender.send(("add", number, payload))
+        sent.set()
+
+    threading.Thread(target=send_all, daemon=True).start()
+    assert sent.wait(5), "send blocked while nobody read"
+    received = [theirs.recv() for _ in range(20)]
+    assert [message[1] for message in received] == list(range(20))
+    assert all(message[2] == payload for message in received)
+    theirs.close()
+    sender.send(("cancel", 1))  # queued; the write fails: the other side is gone
+    sender.flush(5)
+    with pytest.raises(OSError):
+        sender.send(("cancel", 2))
