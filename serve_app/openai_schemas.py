@@ -29,6 +29,9 @@ def encodable(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(encodable)]
 StopString = Annotated[Text, StringConstraints(min_length=1, max_length=256)]
+# Most messages in one chat request: the chat template renders each (in Python), so
+# their count, not only their length, costs the model replica time.
+MAX_CHAT_MESSAGES = 1024
 OpenAIFinishReason = Literal["stop", "length"]
 
 
@@ -187,7 +190,11 @@ class ResponseFormat(BaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     """Body of POST /v1/chat/completions; the model's own chat template renders it."""
 
-    messages: list[ChatMessageIn] = Field(min_length=1)
+    messages: list[ChatMessageIn] = Field(
+        min_length=1,
+        max_length=MAX_CHAT_MESSAGES,
+        description=f"The conversation, 1 to {MAX_CHAT_MESSAGES} messages.",
+    )
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Older name of max_completion_tokens.")
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     logprobs: bool = Field(default=False, description="Only false is supported.")

@@ -25,14 +25,19 @@ FAKE_CONTEXT_LENGTH = 512
 
 
 def fake_source(
-    load_s: float = 0.0, step_s: float = 0.0, broken: bool = False, failing: bool = False, rows: int = 0
+    load_s: float = 0.0, step_s: float = 0.0, broken: bool = False, failing: bool = False, rows: int = 0,
+    prepare_s: float = 0.0,
 ) -> str:
     """A `source` for FakeEngine: it sleeps ``load_s`` seconds in load() and ``step_s``
     per generated character; ``broken`` makes its health check and status fail;
     ``failing`` makes a prompt starting with "fail" raise FakeDecodeError after a step;
     ``rows`` > 0 lets at most that many sequences generate at once, the others wait for
-    a row (a GPU replica's batch, whose step time hardly depends on its size)."""
-    return f"fake?load_s={load_s}&step_s={step_s}&broken={int(broken)}&failing={int(failing)}&rows={rows}"
+    a row (a GPU replica's batch, whose step time hardly depends on its size);
+    ``prepare_s`` blocks prepare() that long (a slow tokenizer or chat template)."""
+    return (
+        f"fake?load_s={load_s}&step_s={step_s}&broken={int(broken)}&failing={int(failing)}&rows={rows}"
+        f"&prepare_s={prepare_s}"
+    )
 
 
 class FakeDecodeError(RuntimeError):
@@ -54,6 +59,7 @@ class FakeEngine(Engine):
         query = urllib.parse.parse_qs(urllib.parse.urlparse(config.source).query)
         self._load_s = float(query.get("load_s", ["0"])[0])
         self._step_s = float(query.get("step_s", ["0"])[0])
+        self._prepare_s = float(query.get("prepare_s", ["0"])[0])
         self._broken = query.get("broken", ["0"])[0] == "1"
         self._failing = query.get("failing", ["0"])[0] == "1"
         rows = int(query.get("rows", ["0"])[0])
@@ -79,6 +85,7 @@ class FakeEngine(Engine):
             raise RuntimeError("engine broken (fake)")
 
     def prepare(self, params: GenerationParams) -> PreparedRequest:
+        time.sleep(self._prepare_s)
         text = "".join(f"{role}: {content}\n" for role, content in params.messages) or params.prompt
         return prepare_request(params, [ord(c) for c in text], FAKE_CONTEXT_LENGTH)
 

@@ -7,6 +7,7 @@ tests/integration/test_autoscaling.py.
 """
 
 import asyncio
+import time
 
 import pytest
 from ray.serve._private.common import DeploymentID, ReplicaID
@@ -158,5 +159,35 @@ def test_requests_waiting_for_a_batch_row_are_reported_waiting():
         report, generated = asyncio.run(two_at_once())
         # The first owes its remaining tokens; the second its prompt (6) and all 30 tokens.
         assert report == {SEQUENCES: 2, TOKEN_BACKLOG: (30 - generated) + (6 + 30)}
+    finally:
+        server.__del__()
+
+
+def test_tokenizing_never_stalls_the_replicas_event_loop():
+    """A request whose prompt takes 0.5 s to tokenize (a long chat through its
+    template): the replica's event loop, which serves every other request, keeps
+    running meanwhile."""
+    config = ModelConfig(name="m", source=fake_source(prepare_s=0.5), engine=FAKE_ENGINE, engine_process=False)
+    server = ModelServer(config, "cpu")
+    try:
+        async def scenario():
+            gaps, last = [], time.perf_counter()
+
+            async def heartbeat():
+                nonlocal last
+                while True:
+                    await asyncio.sleep(0.01)
+                    now = time.perf_counter()
+                    gaps.append(now - last)
+                    last = now
+
+            beating = asyncio.ensure_future(heartbeat())
+            result = await server.generate(GenerationParams(prompt="abc", max_new_tokens=3))
+            beating.cancel()
+            return result, max(gaps)
+
+        result, longest_gap = asyncio.run(scenario())
+        assert result.completion_tokens == 3
+        assert longest_gap < 0.25, f"the loop stalled {longest_gap:.2f} s"
     finally:
         server.__del__()

@@ -164,3 +164,15 @@ def test_one_request_cannot_ask_for_more_than_the_request_cap(client):
     assert "asks for 65536 new tokens; one request may ask for at most 16384" in caught.value.body["message"]
     allowed = client.completions.create(model="fake", prompt=["a", "b"], n=2, max_tokens=3)
     assert len(allowed.choices) == 4
+
+
+def test_a_chat_has_at_most_1024_messages(client):
+    many = [{"role": "user", "content": "a"}] * 1025
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="fake", messages=many, max_tokens=2)
+    assert caught.value.body["param"] == "messages"
+    assert "1024" in caught.value.body["message"]
+    # 1024 are accepted by the schema (the fake model's 512-token context then refuses them).
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="fake", messages=many[:1024], max_tokens=2)
+    assert "context" in caught.value.body["message"]
