@@ -116,6 +116,24 @@ class ModelConfig(BaseModel):
             "the engine process keeps the replica's niceness and logs why."
         ),
     )
+    step_timeout_s: float = Field(
+        default=120,
+        gt=0,
+        le=3600,
+        description=(
+            "Longest one scheduler iteration (a prefill chunk and a decode step) may run "
+            "before the replica's health check fails, so that Serve replaces a replica "
+            "whose engine hangs (a stuck kernel) while its thread is alive."
+        ),
+    )
+    load_timeout_s: float = Field(
+        default=1800,
+        gt=0,
+        description=(
+            "Longest model loading may take in the engine process (download included) "
+            "before the process is killed and the replica fails to start, saying so."
+        ),
+    )
     kv_cache: Literal["auto", "dynamic", "slots"] = Field(
         default="auto",
         description=(

@@ -32,6 +32,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 
@@ -162,9 +163,15 @@ class EngineProcess(Engine):
         logger.info("engine process %d serves %s", self._process.pid, self.config.name)
 
     def _wait_until_loaded(self) -> tuple[ModelStatus, object]:
+        deadline = time.monotonic() + self.config.load_timeout_s
         while not self._connection.poll(1.0):
             if self._process.poll() is not None:
                 break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"model {self.config.name} did not load within load_timeout_s="
+                    f"{self.config.load_timeout_s:g} s; the engine process was stopped"
+                )
         try:
             message = self._connection.recv()
         except (EOFError, OSError):

@@ -315,6 +315,7 @@ class TransformersEngine(Engine):
         self.prefill_chunk_tokens = GPU_PREFILL_CHUNK_TOKENS if device == "cuda" else PREFILL_CHUNK_TOKENS
         self._failures_in_a_row = 0
         self._broken: str | None = None  # why the engine can no longer serve
+        self._iteration_started: float | None = None  # None while idle
 
     def load(self) -> None:
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -479,6 +480,13 @@ class TransformersEngine(Engine):
             raise RuntimeError("the scheduler thread has stopped")
         if self._broken is not None:
             raise RuntimeError(f"engine broken: {self._broken}")
+        started = self._iteration_started
+        if started is not None and time.monotonic() - started > self.config.step_timeout_s:
+            # Alive but stuck (a hung kernel, a deadlock): no request would ever finish.
+            raise RuntimeError(
+                f"engine stuck: a scheduler iteration has run for {time.monotonic() - started:.0f} s "
+                f"(step_timeout_s is {self.config.step_timeout_s:g})"
+            )
 
     # The scheduler thread.
 
@@ -488,6 +496,7 @@ class TransformersEngine(Engine):
         prefills: deque[_Prefill] = deque()  # the admitted wave, a group at a time
         while not self._closed.is_set():
             if not decoding.busy and not prefills and not waiting:
+                self._iteration_started = None
                 arrival = self._arrivals.get()  # idle: sleep until a request comes
                 if arrival is None:  # close() woke the loop
                     continue
@@ -495,6 +504,7 @@ class TransformersEngine(Engine):
                 self._collect_arrivals(waiting, wait_s=self.config.batch_wait_timeout_s)
             else:
                 self._collect_arrivals(waiting, wait_s=0)
+            self._iteration_started = time.monotonic()
             try:
                 if not prefills:
                     prefills.extend(self._start_prefills(self._take_admissions(waiting, decoding.free_rows())))

@@ -249,3 +249,13 @@ def test_sending_never_blocks_on_a_reader_that_stalls():
     sender.flush(5)
     with pytest.raises(OSError):
         sender.send(("cancel", 2))
+
+
+def test_a_model_that_loads_too_long_is_stopped_with_a_clear_error():
+    config = ModelConfig(name="slow", source=fake_source(load_s=30), engine=FAKE_ENGINE, load_timeout_s=1)
+    engine = EngineProcess(config, "cpu")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not load within load_timeout_s=1 s"):
+        engine.load()
+    assert time.monotonic() - started < 15
+    assert engine._process.poll() is not None, "the engine process is gone"

@@ -355,3 +355,34 @@ def test_close_fails_what_is_unfinished_and_stops_the_scheduler(tiny_model_dir):
         asyncio.run(close_midway())
     with pytest.raises(RuntimeError, match="scheduler thread has stopped"):
         engine.check_health()
+
+
+def test_an_engine_stuck_in_a_step_fails_its_health_check(tiny_model_dir):
+    """A forward pass that hangs (a stuck kernel) with its thread alive: the health
+    check fails after step_timeout_s, so Serve replaces the replica; it passes again
+    once the engine moves on."""
+    import threading
+    import time
+
+    engine = TransformersEngine(ModelConfig(source=str(tiny_model_dir), dtype="float32", step_timeout_s=0.3), "cpu")
+    engine.load()
+    real_forward = engine._model.forward
+    release = threading.Event()
+
+    def hanging_forward(*args, **kwargs):
+        release.wait(10)
+        return real_forward(*args, **kwargs)
+
+    engine._model.forward = hanging_forward
+    try:
+        worker = threading.Thread(target=run, args=(engine, greedy("stuck", max_new_tokens=2)))
+        worker.start()
+        time.sleep(0.6)
+        with pytest.raises(RuntimeError, match="engine stuck: a scheduler iteration has run for"):
+            engine.check_health()
+        release.set()
+        worker.join(10)
+        engine.check_health()
+    finally:
+        release.set()
+        engine.close()
