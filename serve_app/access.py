@@ -53,16 +53,41 @@ class Client:
 def client_address(scope: Scope, trusted_proxies: Sequence[Network]) -> str:
     """The caller's address. ``X-Forwarded-For`` counts only when the peer is a trusted
     proxy; then the right-most address that is not itself a trusted proxy is the client
-    (entries further left could have been written by the client)."""
+    (entries further left could have been written by the client). Every header line
+    counts (a proxy may add its own line rather than append), and an entry that is not
+    an IP address is never taken for the client: the peer is, then."""
     peer = (scope.get("client") or ("unknown", 0))[0]
     if not trusted_proxies or not _is_trusted(peer, trusted_proxies):
         return peer
-    forwarded = Headers(scope=scope).get("x-forwarded-for", "")
-    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    lines = Headers(scope=scope).getlist("x-forwarded-for")
+    hops = [hop.strip() for line in lines for hop in line.split(",") if hop.strip()]
     for hop in reversed(hops):
         if not _is_trusted(hop, trusted_proxies):
-            return hop
-    return hops[0] if hops else peer
+            return str(ipaddress.ip_address(hop)) if _is_address(hop) else peer
+    return hops[0] if hops and _is_address(hops[0]) else peer
+
+
+def client_identity(address: str) -> str:
+    """Who counts as one client: an IPv4 address, or an IPv6 /64, the block one
+    subscriber usually holds whole (counting single IPv6 addresses, a client would
+    get a fresh quota from each of its 2^64 addresses)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return f"ip:{address}"
+    if ip.version == 4:
+        return f"ip:{ip}"
+    if ip.ipv4_mapped is not None:
+        return f"ip:{ip.ipv4_mapped}"
+    return f"ip:{ipaddress.ip_network(f'{ip}/64', strict=False)}"
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_trusted(address: str, trusted_proxies: Iterable[Network]) -> bool:
@@ -116,7 +141,7 @@ class AccessControl:
         return max(1, math.ceil(stats.reset_time - time.time()))
 
     def anonymous(self, scope: Scope) -> Client:
-        return Client(f"ip:{client_address(scope, self._trusted_proxies)}", self._default_quota)
+        return Client(client_identity(client_address(scope, self._trusted_proxies)), self._default_quota)
 
     def identify(self, scope: Scope) -> Client:
         """The caller of ``scope``.

@@ -290,6 +290,15 @@ class IngressArgs(BaseModel):
     max_request_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest request body; larger gets 413."
     )
+    body_read_timeout_s: float = Field(
+        default=30,
+        gt=0,
+        le=600,
+        description=(
+            "Longest a client may take to send its request body; slower gets 408 (a client "
+            "trickling bytes would otherwise hold one of the ingress's request slots)."
+        ),
+    )
     max_prompt_chars: int = Field(
         default=200_000,
         ge=1,

@@ -24,9 +24,15 @@ def _digest(key: str) -> bytes:
 
 def parse_key_entries(text: str, source: str) -> dict[str, bytes]:
     """Parses ``name:key`` or ``name:sha256:<hex digest>`` entries, one per line or
-    separated by commas; blank lines and ``#`` comments are ignored."""
+    separated by commas; blank lines and lines starting with ``#`` are ignored.
+
+    A ``#`` inside an entry belongs to the key (it used to start a comment, silently
+    cutting such a key short); a key cannot hold a comma or whitespace, and an entry
+    with whitespace in its key is refused (a comment after an entry, say), never cut.
+    """
     digests: dict[str, bytes] = {}
-    entries = [e.strip() for line in text.splitlines() for e in line.split("#", 1)[0].split(",")]
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    entries = [e.strip() for line in lines for e in line.split(",")]
     for position, entry in enumerate(filter(None, entries), start=1):
         name, separator, secret = entry.partition(":")
         if not separator or not _NAME.match(name):
@@ -36,6 +42,11 @@ def parse_key_entries(text: str, source: str) -> dict[str, bytes]:
             )
         if name in digests:
             raise ApiKeyConfigError(f"{source}: key name {name!r} appears twice")
+        if any(character.isspace() for character in secret):
+            raise ApiKeyConfigError(
+                f"{source}: key {name!r} contains whitespace; keys cannot, and a comment "
+                "goes on a line of its own starting with #"
+            )
         hashed = _HASHED.match(secret)
         if hashed:
             digests[name] = bytes.fromhex(hashed.group(1))

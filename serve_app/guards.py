@@ -4,6 +4,8 @@ request's deadline (X-Request-Timeout, up to a ceiling)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -54,10 +56,11 @@ class RequestGuardMiddleware:
     fast 503 (rather than letting a queue grow without bound), and refuses bodies that
     are too large or not JSON before anything reads them."""
 
-    def __init__(self, app: ASGIApp, max_concurrent: int, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_concurrent: int, max_body_bytes: int, body_read_timeout_s: float = 30) -> None:
         self.app = app
         self.max_concurrent = max_concurrent
         self.max_body_bytes = max_body_bytes
+        self.body_read_timeout_s = body_read_timeout_s
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,7 +77,13 @@ class RequestGuardMiddleware:
             # Read the body here, up to the limit, so that a body sent without a
             # Content-Length (chunked) is refused the same way; the route then reads it
             # from memory. Bodies are small (1 MiB by default).
-            body = await self._read_body(receive)
+            try:
+                async with asyncio.timeout(self.body_read_timeout_s):
+                    body = await self._read_body(receive)
+            except TimeoutError:
+                message = f"the request body did not arrive within {self.body_read_timeout_s:g} s"
+                await error_response(408, message, openai=openai)(scope, receive, send)
+                return
             if body is None:
                 await error_response(413, self._too_large_message(), openai=openai)(scope, receive, send)
                 return

@@ -39,7 +39,7 @@ READINESS_CACHE_S = 1.0
 # Every status a route can answer besides 200, so the OpenAPI schema (and the fuzzing
 # test that checks responses against it) is complete.
 ERROR_RESPONSES = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 429, 500, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 429, 500, 503, 504)
 }
 
 
@@ -205,6 +205,7 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
         RequestGuardMiddleware,
         max_concurrent=ingress.limits.max_ongoing_requests,
         max_body_bytes=ingress.limits.max_request_bytes,
+        body_read_timeout_s=ingress.limits.body_read_timeout_s,
     )
     app.add_middleware(AccessMiddleware, access=access)
     app.add_middleware(RequestContextMiddleware)

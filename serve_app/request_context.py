@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 
@@ -15,6 +16,7 @@ from serve_app.errors import error_response, speaks_openai
 logger = logging.getLogger("ray.serve")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def new_request_id() -> str:
@@ -48,10 +50,14 @@ class RequestContextMiddleware:
             return
         started = time.perf_counter()
         incoming_id = self._incoming_request_id(scope)
-        request_id = incoming_id or new_request_id()
+        sane = incoming_id is None or _REQUEST_ID.fullmatch(incoming_id) is not None
+        # An id that is not sane never reaches a log line: the request is refused
+        # under an id of our own (Serve's proxy still echoes the client's).
+        request_id = incoming_id if incoming_id is not None and sane else new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         response_status: list[int] = []
+        app = self.app if sane else self._refuse_request_id
 
         async def send_with_request_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -61,7 +67,7 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_request_id)
+            await app(scope, receive, send_with_request_id)
         except Exception:
             logger.exception("request_id=%s unhandled error", request_id)
             if not response_status:
@@ -85,10 +91,17 @@ class RequestContextMiddleware:
 
     @staticmethod
     def _incoming_request_id(scope: Scope) -> str | None:
+        """The id the client (or Serve's proxy, which makes one when the client sent
+        none) put in X-Request-ID."""
         for name, value in scope.get("headers", ()):
             if name == b"x-request-id":
                 return value.decode("latin-1")
         return None
+
+    @staticmethod
+    async def _refuse_request_id(scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"{REQUEST_ID_HEADER} must be 1 to 128 letters, digits, `.`, `_`, `:` or `-`"
+        await error_response(422, message, REQUEST_ID_HEADER, openai=speaks_openai(scope))(scope, receive, send)
 
     @staticmethod
     async def _send_internal_error(scope: Scope, receive: Receive, send: Send, request_id: str) -> None:

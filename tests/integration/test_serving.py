@@ -31,6 +31,13 @@ def test_generate_200_with_exact_token_counts(tiny_url, tiny_model_dir):
     assert body["latency_ms"] > 0
 
 
+def test_a_request_id_that_is_not_sane_is_refused_through_the_proxy(tiny_url):
+    for bad in ("x" * 300, "two words"):
+        response = post(tiny_url, {"prompt": "hi", "max_new_tokens": 1}, headers={"X-Request-ID": bad})
+        assert response.status_code == 422 and response.json()["error"]["param"] == "X-Request-ID"
+        assert response.headers.get_list("X-Request-ID") == [bad], "Serve's proxy echoes it, once"
+
+
 def test_request_id_is_echoed_once(tiny_url):
     response = post(tiny_url, {"prompt": "hi", "max_new_tokens": 1}, headers={"X-Request-ID": "client-id-42"})
     assert response.headers.get_list("x-request-id") == ["client-id-42"]

@@ -310,3 +310,31 @@ def test_a_refusal_after_an_overlapped_start_cancels_the_model_call():
     # The refused request's model call was started, then cancelled before it finished
     # (or before it ran at all, when the refusal came first).
     assert SlowHandle.finished == 1
+
+
+def test_every_forwarded_for_line_counts_and_junk_is_never_the_client():
+    def with_lines(*lines, peer="10.0.0.5"):
+        return {"type": "http", "client": (peer, 1), "path": "/generate", "root_path": "",
+                "headers": [(b"x-forwarded-for", line.encode()) for line in lines]}
+
+    # A proxy that adds a second line instead of appending: the last line is the nearest hop.
+    assert client_address(with_lines("6.6.6.6", "1.2.3.4"), PROXIES) == "1.2.3.4"
+    assert client_address(with_lines("not-an-address"), PROXIES) == "10.0.0.5", "junk is not a client"
+    assert client_address(with_lines("1.2.3.4, 2001:DB8::1"), PROXIES) == "2001:db8::1", "normalised"
+
+
+def test_ipv6_clients_count_per_64_block_and_ipv4_per_address():
+    from serve_app.access import client_identity
+
+    assert client_identity("2001:db8:1:2:aaaa::1") == client_identity("2001:db8:1:2:bbbb::9") == "ip:2001:db8:1:2::/64"
+    assert client_identity("2001:db8:1:3::1") != client_identity("2001:db8:1:2::1")
+    assert client_identity("::ffff:1.2.3.4") == client_identity("1.2.3.4") == "ip:1.2.3.4"
+    assert client_identity("testclient") == "ip:testclient"
+
+
+def test_keys_keep_every_character_and_comments_stand_on_their_own_line():
+    digests = parse_key_entries(f"# team keys\nalice:{ALICE_KEY}#2\n  # bob left\n", "test")
+    assert ApiKeys(digests).identify(f"{ALICE_KEY}#2") == "alice", "a # inside a key is the key's"
+    assert ApiKeys(digests).identify(ALICE_KEY) is None
+    with pytest.raises(ApiKeyConfigError, match="contains whitespace"):
+        parse_key_entries(f"alice:{ALICE_KEY} # old comment style", "test")

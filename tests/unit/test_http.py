@@ -290,3 +290,41 @@ def test_probes_answer_and_count_nothing_when_the_ingress_is_full():
             return (await probe).status_code, (await busy).status_code, shed.status_code, healthy.status_code
 
     assert asyncio.run(scenario()) == (200, 200, 503, 200)
+
+
+def test_a_request_id_that_is_not_sane_is_refused_naming_the_header(client):
+    assert client.get("/healthz", headers={"X-Request-ID": "abc-123:x.y_z"}).status_code == 200
+    for bad in ("x" * 129, "has space", "new\\line"):
+        refused = client.post("/generate", json={"prompt": "a"}, headers={"X-Request-ID": bad})
+        assert refused.status_code == 422
+        assert refused.json()["error"]["param"] == "X-Request-ID"
+        openai_style = client.post("/v1/completions", json={"model": "fake", "prompt": "a"},
+                                   headers={"X-Request-ID": bad})
+        assert openai_style.status_code == 400 and openai_style.json()["error"]["param"] == "X-Request-ID"
+
+
+def test_a_body_that_trickles_in_gets_408():
+    from serve_app.guards import RequestGuardMiddleware
+
+    async def never_called(scope, receive, send):
+        raise AssertionError("the route must not run")
+
+    guard = RequestGuardMiddleware(never_called, max_concurrent=4, max_body_bytes=1 << 20, body_read_timeout_s=0.2)
+    sent = []
+
+    async def scenario():
+        async def receive():
+            await asyncio.sleep(0.1)  # 10 bytes every 0.1 s: it would take forever
+            return {"type": "http.request", "body": b"0123456789", "more_body": True}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/generate", "root_path": "", "headers": [
+            (b"content-type", b"application/json")]}
+        await guard(scope, receive, send)
+
+    asyncio.run(scenario())
+    assert sent[0]["status"] == 408
+    assert b"did not arrive within 0.2 s" in sent[1]["body"]
+    assert guard.in_flight == 0
