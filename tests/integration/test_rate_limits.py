@@ -2,6 +2,7 @@
 
 import asyncio
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -205,3 +206,71 @@ def redis_url(serve_base_url, tiny_model_dir, tmp_path_factory):
 def test_redis_backend_gives_the_same_results(redis_url):
     check_ten_of_fifteen(redis_url, "192.0.2.77", atomic_standing=False)
     assert asyncio.run(burst(redis_url, 1, from_client("192.0.2.78")))[0].status_code == 200
+
+
+def start_redis(port: int) -> subprocess.Popen:
+    server = shutil.which("redis-server")
+    assert server, "redis-server is needed (Debian package redis-server; .ci/run installs it)"
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("redis-server did not start")
+
+
+def limiter_errors(metrics_url: str) -> float:
+    total = 0.0
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("ray_textgen_rate_limiter_errors_total{") and 'backend="redis"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_store_outage_is_counted_and_handled_as_configured(serve_base_url, cluster, tiny_model_dir):
+    """redis-server stopped under two apps: the fail-open one lets requests through, the
+    fail-closed one answers 503 with Retry-After, the metric counts the failed checks,
+    and both count again once the store is back."""
+    port = free_port()
+    redis = start_redis(port)
+    urls = {}
+    try:
+        for fail_open in (True, False):
+            rate_limits = RateLimitArgs(
+                default=QuotaArgs(requests=["1000/minute"]), storage=f"redis://127.0.0.1:{port}/0",
+                fail_open=fail_open, timeout_s=0.5,
+            )
+            name = "outage-open" if fail_open else "outage-closed"
+            urls[fail_open] = deploy(serve_base_url, limited_app(tiny_model_dir, rate_limits), name)
+
+        def generate(fail_open: bool) -> httpx.Response:
+            return httpx.post(f"{urls[fail_open]}/generate", json={"prompt": "hi", "max_new_tokens": 1}, timeout=60)
+
+        assert generate(True).status_code == generate(False).status_code == 200
+        errors_before = limiter_errors(cluster.metrics_url)
+        redis.terminate()
+        redis.wait(timeout=10)
+        during = [(generate(True).status_code, generate(False)) for _ in range(3)]
+        assert [open_status for open_status, _ in during] == [200] * 3, "fail_open lets requests through"
+        assert [closed.status_code for _, closed in during] == [503] * 3, "fail_open: false refuses them"
+        assert during[0][1].headers["Retry-After"] and "rate limiter unavailable" in during[0][1].text
+        deadline = time.monotonic() + 20
+        while limiter_errors(cluster.metrics_url) < errors_before + 6 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert limiter_errors(cluster.metrics_url) >= errors_before + 6, "every failed check is counted"
+        redis = start_redis(port)
+        deadline = time.monotonic() + 20
+        while generate(False).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert generate(False).status_code == 200, "the store answers again: requests are admitted"
+    finally:
+        for name in ("outage-open", "outage-closed"):
+            serve.delete(name)
+        redis.terminate()
+        redis.wait(timeout=10)
