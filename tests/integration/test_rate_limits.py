@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
 KEY_SMALL = "small-quota-key-0123456789"
 KEY_BURST = "burst-key-0123456789abcdef"
 KEY_OTHER = "other-quota-key-0123456789"
+KEY_OPENAI = "openai-quota-key-0123456789"
 
 
 def limited_app(tiny_model_dir, rate_limits: RateLimitArgs, auth: AuthArgs | None = None) -> AppArgs:
@@ -122,12 +123,13 @@ def test_killing_the_limiter_actor_never_gives_a_500(limits_url):
 @pytest.fixture(scope="module")
 def keys_url(serve_base_url, tiny_model_dir, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("keys") / "api-keys"
-    key_file.write_text(f"small:{KEY_SMALL}\nother:{KEY_OTHER}\nburst:{KEY_BURST}\n")
+    key_file.write_text(f"small:{KEY_SMALL}\nother:{KEY_OTHER}\nburst:{KEY_BURST}\nopenai:{KEY_OPENAI}\n")
     rate_limits = RateLimitArgs(
         default=QuotaArgs(requests=["100/minute"]),
         keys={
             "small": QuotaArgs(requests=["100/minute"], tokens=["100/minute"]),
             "burst": QuotaArgs(requests=["100/minute"], tokens=["100/minute"]),
+            "openai": QuotaArgs(requests=["5/minute"], tokens=["100/minute"]),
         },
     )
     args = limited_app(tiny_model_dir, rate_limits, AuthArgs(enabled=True, keys_file=key_file))
@@ -178,6 +180,34 @@ def test_concurrent_requests_cannot_overdraw_a_token_quota(keys_url):
     assert 1 <= len(admitted) <= 100 // PROBE_WORST_CASE
     assert {r.status_code for r in responses} <= {200, 429}
     assert sum(r.json()["usage"]["total_tokens"] for r in admitted) <= 100
+
+
+def test_v1_routes_get_the_same_keys_limits_and_quotas(keys_url):
+    """The real `openai` client on /v1: a wrong key is a 401 end to end; a key's request
+    limit and token quota hold as on /generate, with the same headers."""
+    import openai
+
+    wrong = openai.OpenAI(base_url=f"{keys_url}/v1", api_key="wrong-key-0123456789abc", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model="tiny", prompt="hi", max_tokens=1)
+    client = openai.OpenAI(base_url=f"{keys_url}/v1", api_key=KEY_OPENAI, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
+    assert raw.headers["X-RateLimit-Limit"] == "5" and raw.headers["X-RateLimit-Remaining"] == "4"
+    completion = raw.parse()
+    assert completion.usage.total_tokens <= 100
+    # Worst case of this completion: 4 prompt bytes + 16 + 60 new = 80 does not fit in
+    # what the chat left: refused before generating, naming the quota.
+    time.sleep(0.3)  # the chat's unused reservation is given back just after its answer
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.completions.create(model="tiny", prompt="four", max_tokens=100 - completion.usage.total_tokens)
+    assert "token quota of 100" in caught.value.body["message"]
+    for _ in range(4):  # the refused request counted nothing: 1 + 4 = 5 requests
+        client.completions.create(model="tiny", prompt="a", max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.completions.create(model="tiny", prompt="a", max_tokens=1)
+    assert "rate limit of 5 requests" in caught.value.body["message"]
 
 
 @pytest.fixture(scope="module")
