@@ -89,11 +89,20 @@ async def generate(
         ServiceError: 503 (model queue full, replica failed twice), 504 (deadline).
     """
     request.state.tokens_needed = sum(one.worst_case_tokens() for one in params)
-    _, results = await _start(
-        request, access, handle,
-        lambda: _Calls(handle.generate.remote(one) for one in params),
-        lambda calls: asyncio.gather(*calls),
-    )
+    try:
+        _, results = await _start(
+            request, access, handle,
+            lambda: _Calls(handle.generate.remote(one) for one in params),
+            lambda calls: asyncio.gather(*calls),
+        )
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError) or getattr(exc, "status_code", None) == 504:
+            # The client left, or the deadline passed, while the model generated: it
+            # stopped, but its count never reached us. The reservation (the most it
+            # could have generated) is kept rather than given back, so that leaving
+            # early never makes a request free.
+            access.settle_tokens(request, request.state.tokens_needed)
+        raise
     request.state.usage = usage_of(
         sum(result.prompt_tokens for result in results), sum(result.completion_tokens for result in results)
     )

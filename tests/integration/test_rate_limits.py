@@ -79,10 +79,20 @@ def check_ten_of_fifteen(url: str, client: str, atomic_standing: bool = True) ->
         assert response.json()["error"]["type"] == "rate_limit_error"
 
 
-def test_two_ingress_replicas_let_exactly_the_limit_through(limits_url):
+def test_two_ingress_replicas_let_exactly_the_limit_through(limits_url, cluster):
     ingress = serve.status().applications["limits"].deployments["Ingress"]
     assert ingress.replica_states.get("RUNNING") == 2
     check_ten_of_fifteen(limits_url, "192.0.2.1")
+    # Shown, not assumed: both ingress replicas answered some of the burst (each logs
+    # one line per request), so the count was shared across processes.
+    logs = list((cluster.session_dir / "logs" / "serve").glob("replica_limits_Ingress_*.log"))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        serving = [log for log in logs if "/generate status=" in log.read_text(errors="replace")]
+        if len(serving) == 2:
+            break
+        time.sleep(0.5)
+    assert len(serving) == 2, (logs, serving)
 
 
 def test_clients_are_counted_apart(limits_url):

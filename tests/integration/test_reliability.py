@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from serve_app.args import AppArgs, IngressArgs, ModelArgs, RateLimitArgs
+from serve_app.args import AppArgs, IngressArgs, ModelArgs, QuotaArgs, RateLimitArgs
 from tests.fakes import FAKE_ENGINE, fake_source
 from tests.processes import engine_process_of, exited
 from tests.integration.conftest import deploy, deploy_in_background
@@ -129,6 +129,29 @@ def test_past_its_deadline_a_request_gets_504_and_its_generation_stops(slow_url,
     assert time.perf_counter() - started < 3
     line = model_log_line(cluster, "deadlines", "deadline-1")
     assert "cancelled=True" in line, "the model replica stopped the generation"
+
+
+def test_a_client_that_leaves_a_plain_request_stops_it_and_pays_for_it(serve_base_url, cluster):
+    """A non-streamed request whose client hangs up after a second: the model replica
+    stops generating, and the client's token quota keeps the request's reservation
+    (the ingress never learns how many tokens were made), so leaving is never free."""
+    args = slow_args(0.05)
+    args.rate_limits = RateLimitArgs(default=QuotaArgs(tokens=["300/minute"]))
+    url = deploy(serve_base_url, args, "leaving")
+    try:
+        body = {"prompt": "ab", "max_new_tokens": 200}  # worst case 2 + 16 + 200 = 218
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/generate", json=body, headers={"X-Request-ID": "leaves-1"}, timeout=1.0)
+        line = model_log_line(cluster, "leaving", "leaves-1")
+        assert "cancelled=True" in line, "the model replica stopped the generation"
+        time.sleep(0.5)  # the settlement runs just after the request ends
+        # 218 stay charged: a request that may cost 90 no longer fits in 300.
+        refused = httpx.post(f"{url}/generate", json={"prompt": "ab", "max_new_tokens": 72}, timeout=30)
+        assert refused.status_code == 429 and "has 82 left" in refused.json()["error"]["message"], refused.text
+        fits = httpx.post(f"{url}/generate", json={"prompt": "ab", "max_new_tokens": 4}, timeout=30)
+        assert fits.status_code == 200
+    finally:
+        serve.delete("leaving")
 
 
 def test_a_stream_past_its_deadline_ends_with_a_timeout_event(slow_url):

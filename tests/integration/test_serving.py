@@ -61,6 +61,24 @@ def test_client_errors(tiny_url, body, status, param):
     assert response.json()["error"]["param"] == param
 
 
+def test_oversized_and_non_json_bodies_through_serves_proxy(tiny_url):
+    """413 and 415 come back through Serve's HTTP proxy as they do in-process, also for a
+    chunked body (no Content-Length) and on /v1 (OpenAI's error shape)."""
+    big = b'{"prompt": "' + b"x" * (1 << 20) + b'"}'
+    sized = httpx.post(f"{tiny_url}/generate", content=big, headers={"Content-Type": "application/json"}, timeout=60)
+    assert sized.status_code == 413 and sized.json()["error"]["type"] == "request_too_large"
+
+    def chunks():
+        for start in range(0, len(big), 65536):
+            yield big[start:start + 65536]
+
+    chunked = httpx.post(f"{tiny_url}/v1/completions", content=chunks(),
+                         headers={"Content-Type": "application/json"}, timeout=60)
+    assert chunked.status_code == 413 and set(chunked.json()["error"]) == {"type", "message", "param", "code"}
+    text = httpx.post(f"{tiny_url}/generate", content=b"prompt=hi", headers={"Content-Type": "text/plain"}, timeout=60)
+    assert text.status_code == 415 and "send JSON" in text.json()["error"]["message"]
+
+
 def test_context_overflow_crosses_the_handle_as_422(tiny_url, tiny_model_dir):
     prompt = "word " * 200
     prompt_tokens = len(AutoTokenizer.from_pretrained(tiny_model_dir)(prompt)["input_ids"])
