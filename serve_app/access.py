@@ -122,6 +122,7 @@ class AccessControl:
         api_keys: ApiKeys | None = None,
         trusted_proxies: Sequence[Network] = (),
         unauthenticated_limit: str = AuthArgs.model_fields["unauthenticated_limit"].default,
+        max_concurrent_per_client: int | None = None,
     ) -> None:
         self.limiter = limiter
         self._default_quota = default_quota
@@ -130,6 +131,8 @@ class AccessControl:
         self._trusted_proxies = list(trusted_proxies)
         self._unauthenticated_limit = parse(unauthenticated_limit)
         self._unauthenticated = MovingWindowRateLimiter(MemoryStorage())
+        self._max_concurrent = max_concurrent_per_client
+        self._in_flight: dict[str, int] = {}  # per client, in this replica
 
     async def unauthenticated_retry_after(self, client: Client) -> int | None:
         """Counts a request without a valid key against its address's allowance, in
@@ -171,6 +174,7 @@ class AccessControl:
                 store failed closed.
         """
         client: Client = request.state.client
+        self._hold_a_slot(request, client)
         if self.limiter is None:
             return
         tokens_needed = getattr(request.state, "tokens_needed", 0)
@@ -196,6 +200,39 @@ class AccessControl:
             raise ServiceError(429, message, headers={"Retry-After": str(retry_after)})
         request.state.reservation = decision.reservation
         request.state.settled = False
+
+    def _hold_a_slot(self, request: Request, client: Client) -> None:
+        """Counts the request among its client's requests in flight here (released by
+        `release`), or refuses it with 429 when the client has its most already."""
+        if self._max_concurrent is None:
+            return
+        held = self._in_flight.get(client.identity, 0)
+        if held >= self._max_concurrent:
+            metrics.record_rate_limited(route_label(request.scope))
+            raise ServiceError(
+                429,
+                f"{client.identity} has {held} requests in flight, the most allowed at once; "
+                "retry when one has ended",
+                headers={"Retry-After": "1"},
+            )
+        self._in_flight[client.identity] = held + 1
+        request.state.holds_slot = True
+
+    def release(self, scope: Scope) -> None:
+        """Ends what `admit` started for the request: its concurrency slot, and its
+        token reservation if nothing settled it (an error, a timeout, a disconnect
+        before generating)."""
+        state = scope.get("state", {})
+        client: Client | None = state.get("client")
+        if state.pop("holds_slot", False) and client is not None:
+            left = self._in_flight.get(client.identity, 1) - 1
+            if left:
+                self._in_flight[client.identity] = left
+            else:
+                self._in_flight.pop(client.identity, None)
+        if not state.get("settled", True):
+            usage = state.get("usage")
+            self.settle_tokens(Request(scope), usage.total_tokens if usage else 0)
 
     def may_overlap(self, request: Request) -> bool:
         """Whether the quota check may run beside the model call rather than before it:
@@ -287,6 +324,7 @@ def build_access_control(
         api_keys,
         rate_limits.trusted_proxies,
         auth.unauthenticated_limit,
+        rate_limits.max_concurrent_per_client,
     )
 
 
@@ -328,11 +366,7 @@ class AccessMiddleware:
         try:
             await self.app(scope, receive, self._with_rate_headers(scope, send))
         finally:
-            # A request admitted but not settled by its route (an error, a timeout,
-            # a disconnect before generation) gives back its reservation here.
-            if not state.get("settled", True):
-                usage = state.get("usage")
-                self.access.settle_tokens(Request(scope), usage.total_tokens if usage else 0)
+            self.access.release(scope)
 
     def _with_rate_headers(self, scope: Scope, send: Send) -> Send:
         limiter = self.access.limiter

@@ -399,6 +399,16 @@ class RateLimitArgs(BaseModel):
             "from anyone else the header is ignored."
         ),
     )
+    max_concurrent_per_client: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Requests one client may have in flight at once on each ingress replica (the "
+            "next gets 429 until one ends); unset means no limit. Counted in each "
+            "replica's memory, without a store round trip: with N ingress replicas a "
+            "client may have up to N times this many."
+        ),
+    )
 
 
 class AuthArgs(BaseModel):

@@ -338,3 +338,27 @@ def test_keys_keep_every_character_and_comments_stand_on_their_own_line():
     assert ApiKeys(digests).identify(ALICE_KEY) is None
     with pytest.raises(ApiKeyConfigError, match="contains whitespace"):
         parse_key_entries(f"alice:{ALICE_KEY} # old comment style", "test")
+
+
+def test_a_client_may_have_only_so_many_requests_in_flight():
+    engine = FakeEngine(ModelConfig(name="fake", source=fake_source(step_s=0.05)), "cpu")
+    ingress = Ingress({"fake": FakeModelHandle(engine)}, RateLimitArgs(), AuthArgs())
+    access = AccessControl(None, Quota(), max_concurrent_per_client=2)
+    app = create_api(ingress, access)
+
+    async def scenario():
+        import httpx
+
+        transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            body = {"prompt": "a", "max_new_tokens": 10}
+            first = await asyncio.gather(*(client.post("/generate", json=body) for _ in range(3)))
+            after = await client.post("/generate", json=body)
+            return [r.status_code for r in first], first, after.status_code
+
+    statuses, responses, after = asyncio.run(scenario())
+    assert sorted(statuses) == [200, 200, 429]
+    [refused] = [r for r in responses if r.status_code == 429]
+    assert "2 requests in flight" in refused.json()["error"]["message"] and refused.headers["Retry-After"] == "1"
+    assert after == 200, "slots are given back when requests end"
+    assert access._in_flight == {}
