@@ -34,38 +34,31 @@ class _Unrecorded:
     observe = set = inc
 
 
-def _ray_metrics():
+def _metric(kind: str, name: str, description: str, tag_keys: tuple[str, ...], **options):
+    """A `ray.util.metrics` metric of ``kind`` (Counter, Histogram, Gauge), or one that
+    records nothing where Ray is not installed."""
     try:
         from ray.util import metrics
     except ImportError:
-        return None
-    return metrics
+        return _Unrecorded()
+    return getattr(metrics, kind)(name, description=description, tag_keys=tag_keys, **options)
 
 
 @functools.cache
 def _counter(name: str, description: str, tag_keys: tuple[str, ...]) -> metrics.Counter:
-    metrics = _ray_metrics()
-    if metrics is None:
-        return _Unrecorded()
-    return metrics.Counter(name, description=description, tag_keys=tag_keys)
+    return _metric("Counter", name, description, tag_keys)
 
 
 @functools.cache
 def _histogram(
     name: str, description: str, boundaries: tuple[float, ...], tag_keys: tuple[str, ...]
 ) -> metrics.Histogram:
-    metrics = _ray_metrics()
-    if metrics is None:
-        return _Unrecorded()
-    return metrics.Histogram(name, description=description, boundaries=list(boundaries), tag_keys=tag_keys)
+    return _metric("Histogram", name, description, tag_keys, boundaries=list(boundaries))
 
 
 @functools.cache
 def _gauge(name: str, description: str, tag_keys: tuple[str, ...]) -> metrics.Gauge:
-    metrics = _ray_metrics()
-    if metrics is None:
-        return _Unrecorded()
-    return metrics.Gauge(name, description=description, tag_keys=tag_keys)
+    return _metric("Gauge", name, description, tag_keys)
 
 
 # The ingress side.
