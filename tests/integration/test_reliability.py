@@ -3,7 +3,9 @@
 
 import asyncio
 import json
+import itertools
 import os
+import re
 import signal
 import threading
 import time
@@ -220,27 +222,31 @@ def replaced(app: str, deployment: str, victim: int) -> bool:
 
 
 @pytest.mark.parametrize("target", ["replica", "engine process"])
-def test_killing_a_model_replica_under_load(serve_base_url, tiny_model_dir, target):
+def test_killing_a_model_replica_under_load(serve_base_url, cluster, tiny_model_dir, target):
     """SIGKILL a model replica, or its engine process (the replica then exits too, so
     the ingress retries elsewhere instead of failing requests until a health check)."""
     args = tiny_args(tiny_model_dir, num_replicas=2)
     url = deploy(serve_base_url, args, "faults")
     try:
         outcomes: list[tuple[int, float]] = []
+        status_by_id: dict[str, int] = {}
+        numbers = itertools.count()
         stop = threading.Event()
 
         def client():
             with httpx.Client(timeout=30) as http:
                 while not stop.is_set():
                     started = time.perf_counter()
+                    request_id = f"{target.replace(' ', '-')}-kill-{next(numbers)}"
                     try:
                         status = http.post(
                             f"{url}/generate", json={"prompt": "Steady", "max_new_tokens": 40},
-                            headers={"X-Request-Timeout": "20"},
+                            headers={"X-Request-Timeout": "20", "X-Request-ID": request_id},
                         ).status_code
                     except httpx.TransportError:
                         status = -1
                     outcomes.append((status, time.perf_counter() - started))
+                    status_by_id[request_id] = status
 
         clients = [threading.Thread(target=client) for _ in range(6)]
         for thread in clients:
@@ -270,6 +276,20 @@ def test_killing_a_model_replica_under_load(serve_base_url, tiny_model_dir, targ
         after = [httpx.post(f"{url}/generate", json={"prompt": "After", "max_new_tokens": 4}, timeout=30).status_code
                  for _ in range(8)]
         assert after == [200] * 8
+        if target == "replica":
+            # Shown, not assumed: the requests the ingress saw hit the dead replica (its
+            # log line for them says so: Serve's router noticed the death, or our retry
+            # ran) were answered 200, sent again elsewhere before any byte went out.
+            caught = {
+                match.group(1)
+                for log in (cluster.session_dir / "logs" / "serve").glob("replica_faults_Ingress_*.log")
+                for match in re.finditer(
+                    r"faults_Ingress \S+ (\S+) -- (?:Replica\(.*has died|request_id=\S+ model replica failed)",
+                    log.read_text(errors="replace"),
+                )
+            }
+            assert caught, "no request was caught on the killed replica"
+            assert {status_by_id[request_id] for request_id in caught if request_id in status_by_id} == {200}
     finally:
         serve.delete("faults")
 
