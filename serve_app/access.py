@@ -24,7 +24,7 @@ from deployments.settings import Settings
 from serve_app.args import AuthArgs, RateLimitArgs
 from serve_app.auth import ApiKeyConfigError, ApiKeys, presented_key
 from serve_app.errors import ServiceError, error_response, route_path, speaks_openai
-from serve_app.request_context import route_label
+from serve_app.request_context import SCHEMA_PATHS, route_label
 from serve_app.rate_limit import (
     Backend,
     Quota,
@@ -37,7 +37,7 @@ from serve_app.rate_limit import (
 logger = logging.getLogger("ray.serve")
 
 # Probes and the schema stay reachable without a key and are never limited.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz"}) | SCHEMA_PATHS
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
 
@@ -188,13 +188,13 @@ class AccessControl:
             retry_after = max(1, math.ceil(decision.state.reset_after_s))
             if decision.refused_tokens:
                 message = (
-                    f"token quota of {decision.state.limit} per window has {decision.state.remaining} left "
+                    f"token quota of {decision.state.limit} per {decision.state.window} has {decision.state.remaining} left "
                     f"for {client.identity}; this request may cost up to {tokens_needed} tokens (prompt + "
                     f"every sequence's max new tokens); lower max_new_tokens or retry in {retry_after} s"
                 )
             else:
                 message = (
-                    f"rate limit of {decision.state.limit} requests per window exceeded for "
+                    f"rate limit of {decision.state.limit} requests per {decision.state.window} exceeded for "
                     f"{client.identity}; retry in {retry_after} s"
                 )
             raise ServiceError(429, message, headers={"Retry-After": str(retry_after)})

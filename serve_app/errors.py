@@ -124,15 +124,23 @@ def _field_path(location: Sequence) -> str | None:
 _UNION_BRANCHES = frozenset({"str", "int", "float", "bool", "list[str]", "TextPart"})
 
 
-def validation_error_response(exc: RequestValidationError, openai: bool = False) -> JSONResponse:
+def validation_error_response(
+    exc: RequestValidationError, openai: bool = False, required: Sequence[str] = ()
+) -> JSONResponse:
     """422 (400 on /v1) naming the first invalid field; every problem is in the message.
 
-    A body that is not JSON at all is a 400: no field is at fault.
+    A body that is not JSON at all is a 400: no field is at fault. A missing body names
+    the first of the route's ``required`` fields.
     """
     errors = exc.errors()
     if any(error.get("type") == "json_invalid" for error in errors):
         detail = errors[0].get("ctx", {}).get("error", "")
         return error_response(400, f"request body is not valid JSON: {detail}".rstrip(": "), openai=openai)
+    if required and any(error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body",) for error in errors):
+        fields = ", ".join(required)
+        return error_response(
+            422, f"the request has no body; send a JSON object with at least: {fields}", param=required[0], openai=openai
+        )
     problems = []
     params = []
     for error in errors:
@@ -146,12 +154,20 @@ def validation_error_response(exc: RequestValidationError, openai: bool = False)
     return error_response(422, "; ".join(problems), param=params[0] if params else None, openai=openai)
 
 
+def _required_fields(scope: Scope) -> list[str]:
+    """The required fields of the matched route's JSON body, in declaration order."""
+    body_field = getattr(scope.get("route"), "body_field", None)
+    model = getattr(getattr(body_field, "field_info", None), "annotation", None)
+    fields = getattr(model, "model_fields", {})
+    return [name for name, field in fields.items() if field.is_required()]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Registers the handlers (unexpected exceptions are masked by RequestContextMiddleware)."""
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error_response(exc, speaks_openai(request.scope))
+        return validation_error_response(exc, speaks_openai(request.scope), _required_fields(request.scope))
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:

@@ -27,7 +27,7 @@ from serve_app.args import AuthArgs, IngressArgs, RateLimitArgs
 from serve_app.errors import ModelNotFoundError, ServiceError, install_error_handlers
 from serve_app.guards import RequestGuardMiddleware, request_deadline_s
 from serve_app.openai_api import add_openai_routes
-from serve_app.request_context import RequestContextMiddleware, new_request_id
+from serve_app.request_context import RequestContextMiddleware
 from serve_app.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Usage
 
 logger = logging.getLogger("ray.serve")
@@ -246,7 +246,7 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
         started = time.perf_counter()
         if body.stream:
             stream, start = await streaming.open_stream(request, access, handle, params)
-            response_id = new_request_id()
+            response_id = request.state.request_id  # one id: the body's is X-Request-ID
 
             def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
                 event = {"id": response_id, "model": start.model, "index": delta.index, "text": delta.text}
@@ -264,7 +264,7 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
             )
         [result] = await streaming.generate(request, access, handle, params)
         return GenerateResponse.from_result(
-            new_request_id(), result, (time.perf_counter() - started) * 1000
+            request.state.request_id, result, (time.perf_counter() - started) * 1000
         )
 
     add_openai_routes(app, ingress, access)

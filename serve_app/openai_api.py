@@ -28,7 +28,6 @@ from serve_app.openai_schemas import (
     ModelList,
     openai_finish_reason,
 )
-from serve_app.request_context import new_request_id
 from serve_app.schemas import Usage
 
 if TYPE_CHECKING:
@@ -80,7 +79,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
     )
     async def completions(body: CompletionRequest, request: Request):
         handle = ingress.begin(request, body.model, sum(len(p) for p in body.prompts), "prompt")
-        response_id = f"cmpl-{new_request_id()}"
+        response_id = f"cmpl-{request.state.request_id}"  # the request's one id, OpenAI's prefix
         request_id = request.state.request_id
         if body.stream:
             prompt = body.prompts[0]
@@ -126,7 +125,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         handle = ingress.begin(request, body.model, sum(len(m.text) for m in body.messages), "messages")
-        response_id = f"chatcmpl-{new_request_id()}"
+        response_id = f"chatcmpl-{request.state.request_id}"
         params = body.to_generation_params(request.state.request_id)
         if body.stream:
             stream, start = await streaming.open_stream(request, access, handle, params)

@@ -69,6 +69,7 @@ class LimitState:
     limit: int
     remaining: int
     reset_after_s: float
+    window: str = "window"  # "minute", "10 seconds": what the limit is per
 
     def headers(self) -> dict[str, str]:
         return {
@@ -183,7 +184,9 @@ class WindowCounter:
     @staticmethod
     async def _state(strategy: WindowLimiter, item: RateLimitItem, *key: str) -> LimitState:
         stats = await strategy.get_window_stats(item, *key)
-        return LimitState(item.amount, stats.remaining, stats.reset_time - time.time())
+        unit = item.GRANULARITY.name
+        window = unit if item.multiples == 1 else f"{item.multiples} {unit}s"
+        return LimitState(item.amount, stats.remaining, stats.reset_time - time.time(), window)
 
 
 class _CountsHere:

@@ -11,7 +11,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments import metrics
-from serve_app.errors import error_response, speaks_openai
+from serve_app.errors import error_response, route_path, speaks_openai
 
 logger = logging.getLogger("ray.serve")
 
@@ -23,10 +23,18 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+# FastAPI's schema pages: served by plain Starlette routes, which leave no `route` in
+# the scope.
+SCHEMA_PATHS = frozenset({"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"})
+
+
 def route_label(scope: Scope) -> str:
     """The matched route's template (bounded label values for metrics), or `unmatched`."""
-    route = scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+    template = getattr(scope.get("route"), "path", None)
+    if template:
+        return template
+    path = route_path(scope)
+    return path if path in SCHEMA_PATHS else "unmatched"
 
 
 class RequestContextMiddleware:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from deployments.model_source import (
     ModelLocation,
@@ -130,6 +131,9 @@ def load_model(
     Raises:
         ModelLoadError: with the location and the underlying cause.
     """
+    # A replica's log is for what happened, not for redrawn progress bars (about 45
+    # lines of "Loading weights" per replica start).
+    transformers_logging.disable_progress_bar()
     with _loading_from(location):
         model = AutoModelForCausalLM.from_pretrained(
             location.path, dtype=dtype, **_source_kwargs(location, trust_remote_code)

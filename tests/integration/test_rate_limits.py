@@ -169,7 +169,7 @@ def test_a_keys_token_quota_stops_it_before_it_can_overdraw(keys_url):
         time.sleep(0.3)  # the unused reservation is given back just after the response
     assert statuses[-1] == 429 and statuses[:-1] == [200] * (len(statuses) - 1)
     assert spent <= 100 < spent + PROBE_WORST_CASE, "refused exactly when its worst case no longer fits"
-    assert "token quota of 100 per window" in response.json()["error"]["message"]
+    assert "token quota of 100 per minute" in response.json()["error"]["message"]
     assert generate(KEY_OTHER).status_code == 200, "another key has its own quota"
     assert httpx.post(f"{keys_url}/generate", json={"prompt": "hi"}, timeout=60).status_code == 401
 
@@ -217,7 +217,7 @@ def test_v1_routes_get_the_same_keys_limits_and_quotas(keys_url):
         client.completions.create(model="tiny", prompt="a", max_tokens=1)
     with pytest.raises(openai.RateLimitError) as caught:
         client.completions.create(model="tiny", prompt="a", max_tokens=1)
-    assert "rate limit of 5 requests" in caught.value.body["message"]
+    assert "rate limit of 5 requests per minute" in caught.value.body["message"]
 
 
 @pytest.fixture(scope="module")

@@ -129,6 +129,7 @@ def test_limit_gives_429_with_retry_after_and_headers_on_counted_routes():
         assert all(r.headers["X-RateLimit-Limit"] == "3" for r in responses)
         assert 0 < int(responses[-1].headers["X-RateLimit-Reset"]) <= 60
         refused = responses[-1]
+        assert "rate limit of 3 requests per minute exceeded" in refused.json()["error"]["message"]
         assert 1 <= int(refused.headers["Retry-After"]) <= 60
         assert refused.json()["error"]["type"] == "rate_limit_error"
         # Responses that count nothing still report the standing.
@@ -210,7 +211,7 @@ def test_token_quota_reserves_the_worst_case_and_keeps_only_what_was_used():
         # Each reserves 5 bytes + 16 special + 5 new = 26 and uses 10 (the fake counts
         # characters): admitted while 10 per request used + 26 fit in 80.
         assert statuses == [200] * 6 + [429, 429]
-        assert "token quota of 80 per window has 20 left" in response.json()["error"]["message"]
+        assert "token quota of 80 per minute has 20 left" in response.json()["error"]["message"]
         assert "may cost up to 26 tokens" in response.json()["error"]["message"]
 
 

@@ -328,3 +328,29 @@ def test_a_body_that_trickles_in_gets_408():
     assert sent[0]["status"] == 408
     assert b"did not arrive within 0.2 s" in sent[1]["body"]
     assert guard.in_flight == 0
+
+
+def test_an_empty_body_names_the_missing_field(client):
+    empty = client.post("/generate", content=b"", headers={"Content-Type": "application/json"})
+    assert empty.status_code == 422
+    assert empty.json()["error"]["param"] == "prompt"
+    assert "no body" in empty.json()["error"]["message"]
+    chat = client.post("/v1/chat/completions", content=b"", headers={"Content-Type": "application/json"})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] in {"model", "messages"}
+
+
+def test_schema_pages_have_their_own_route_label():
+    from serve_app.request_context import route_label
+
+    scope = {"type": "http", "path": "/docs", "root_path": ""}
+    assert route_label(scope) == "/docs"
+    assert route_label({**scope, "path": "/openapi.json"}) == "/openapi.json"
+    assert route_label({**scope, "path": "/nope"}) == "unmatched"
+
+
+def test_the_body_id_is_the_request_id(client):
+    response = client.post("/generate", json={"prompt": "a", "max_new_tokens": 1}, headers={"X-Request-ID": "one-id-1"})
+    assert response.json()["id"] == "one-id-1"
+    completion = client.post("/v1/completions", json={"model": "fake", "prompt": "a", "max_tokens": 1},
+                             headers={"X-Request-ID": "one-id-2"})
+    assert completion.json()["id"] == "cmpl-one-id-2"
