@@ -22,6 +22,7 @@ from deployments.engine_process import EngineProcess
 from deployments.protocol import (
     GenerationParams,
     GenerationResult,
+    InvalidRequestError,
     ModelStatus,
     SequenceDelta,
     SequenceResult,
@@ -141,35 +142,46 @@ class ModelServer:
         """The loaded model; answering at all means the replica is ready."""
         return self._engine.status()
 
-    async def generate(self, params: GenerationParams) -> GenerationResult:
-        """Generates every requested sequence to the end.
-
-        Raises:
-            InvalidRequestError: the request does not fit the model (e.g. its context).
-        """
+    async def generate(self, params: GenerationParams) -> GenerationResult | InvalidRequestError:
+        """Generates every requested sequence to the end; a request that does not fit
+        the model (its context, say) comes back as the InvalidRequestError saying why."""
         prepared = await self._prepare(params)
+        if isinstance(prepared, InvalidRequestError):
+            return prepared
         async with contextlib.aclosing(self._serve(prepared)) as steps:
             return await collect_result(self._config.name, prepared, steps)
 
     async def generate_stream(
         self, params: GenerationParams
-    ) -> AsyncIterator[StreamStart | list[SequenceDelta]]:
+    ) -> AsyncIterator[StreamStart | InvalidRequestError | list[SequenceDelta]]:
         """Streams a request: a StreamStart, then each step's deltas.
 
         Validation happens before the first item, so the caller can peek at it and
-        answer an invalid request with a real status code.
+        answer an invalid request with a real status code: the first item is then the
+        InvalidRequestError saying why, and the last.
         """
         prepared = await self._prepare(params)
+        if isinstance(prepared, InvalidRequestError):
+            yield prepared
+            return
         yield StreamStart(model=self._config.name, prompt_tokens=len(prepared.prompt_token_ids))
         async with contextlib.aclosing(self._serve(prepared)) as steps:
             async for deltas in steps:
                 yield deltas
 
-    async def _prepare(self, params: GenerationParams) -> PreparedRequest:
+    async def _prepare(self, params: GenerationParams) -> PreparedRequest | InvalidRequestError:
         """Tokenizes off the event loop: a chat template over many messages, or a long
         prompt, would stall every other request of the replica meanwhile (30,000
-        one-character messages took 0.9 s of loop time)."""
-        return await asyncio.to_thread(self._engine.prepare, params)
+        one-character messages took 0.9 s of loop time).
+
+        A client's mistake is returned, not raised: raised, it would cross the handle as
+        a failed call, which Serve logs as an ERROR with a traceback in this replica's
+        log. It is one INFO line here, and a 422 at the ingress."""
+        try:
+            return await asyncio.to_thread(self._engine.prepare, params)
+        except InvalidRequestError as exc:
+            logger.info("request_id=%s refused: %s", params.request_id, exc.message)
+            return exc
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this every ``look_back_period_s`` / 5 when the deployment

@@ -20,7 +20,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.protocol import GenerationParams, GenerationResult, SequenceDelta, StreamStart
+from deployments.protocol import GenerationParams, GenerationResult, InvalidRequestError, SequenceDelta, StreamStart
 from serve_app.access import AccessControl, cancel_quietly
 from serve_app.errors import ServiceError, error_body
 from serve_app.schemas import Usage, usage_of
@@ -95,6 +95,9 @@ async def generate(
             lambda: _Calls(handle.generate.remote(one) for one in params),
             lambda calls: asyncio.gather(*calls),
         )
+        for result in results:
+            if isinstance(result, InvalidRequestError):  # the model's refusal, as a value
+                raise result
     except BaseException as exc:
         if isinstance(exc, asyncio.CancelledError) or getattr(exc, "status_code", None) == 504:
             # The client left, or the deadline passed, while the model generated: it
@@ -121,11 +124,15 @@ async def open_stream(
         ServiceError: 503 or 504, as for `generate`.
     """
     request.state.tokens_needed = params.worst_case_tokens()
-    return await _start(
+    stream, start = await _start(
         request, access, handle,
         lambda: handle.options(stream=True).generate_stream.remote(params),
         lambda stream: stream.__anext__(),
     )
+    if isinstance(start, InvalidRequestError):  # the model's refusal: its only item
+        cancel_quietly(stream)
+        raise start
+    return stream, start
 
 
 async def _start(

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from deployments.config import ModelConfig
 from deployments.engine import Engine, PreparedRequest, prepare_request
 from deployments.model_server import collect_result
-from deployments.protocol import GenerationParams, ModelStatus, SequenceDelta, StreamStart
+from deployments.protocol import GenerationParams, InvalidRequestError, ModelStatus, SequenceDelta, StreamStart
 from deployments.text_output import SequenceText
 
 FAKE_ENGINE = "tests.fakes:FakeEngine"
@@ -173,11 +173,18 @@ class FakeModelHandle:
         return self._engine.status()
 
     async def _generate(self, params: GenerationParams):
-        prepared = self._engine.prepare(params)
+        try:  # a refusal comes back as a value, as from ModelServer
+            prepared = self._engine.prepare(params)
+        except InvalidRequestError as exc:
+            return exc
         return await collect_result(self._engine.config.name, prepared, self._deltas(prepared))
 
     async def _generate_stream(self, params: GenerationParams):
-        prepared = self._engine.prepare(params)
+        try:
+            prepared = self._engine.prepare(params)
+        except InvalidRequestError as exc:
+            yield exc
+            return
         yield StreamStart(self._engine.config.name, len(prepared.prompt_token_ids))
         async for deltas in self._deltas(prepared):
             yield deltas

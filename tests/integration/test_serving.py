@@ -1,5 +1,6 @@
 """The serving graph over HTTP: real Ray + Serve on 127.0.0.1, the tiny model."""
 
+import time
 import asyncio
 import json
 
@@ -79,15 +80,37 @@ def test_oversized_and_non_json_bodies_through_serves_proxy(tiny_url):
     assert text.status_code == 415 and "send JSON" in text.json()["error"]["message"]
 
 
-def test_context_overflow_crosses_the_handle_as_422(tiny_url, tiny_model_dir):
+def test_context_overflow_crosses_the_handle_as_422(tiny_url, tiny_model_dir, cluster):
     prompt = "word " * 200
     prompt_tokens = len(AutoTokenizer.from_pretrained(tiny_model_dir)(prompt)["input_ids"])
-    response = post(tiny_url, {"prompt": prompt, "max_new_tokens": 100})
-    assert response.status_code == 422
-    error = response.json()["error"]
-    assert error["param"] == "max_new_tokens"
-    assert f"{prompt_tokens} tokens" in error["message"] and "100 new tokens" in error["message"]
-    assert f"context of {TINY_CONTEXT_LENGTH} tokens" in error["message"]
+    for stream in (False, True):
+        request_id = f"overflow-{int(stream)}"
+        response = post(tiny_url, {"prompt": prompt, "max_new_tokens": 100, "stream": stream},
+                        headers={"X-Request-ID": request_id})
+        assert response.status_code == 422
+        error = response.json()["error"]
+        assert error["param"] == "max_new_tokens"
+        assert f"{prompt_tokens} tokens" in error["message"] and "100 new tokens" in error["message"]
+        assert f"context of {TINY_CONTEXT_LENGTH} tokens" in error["message"]
+        # A client's mistake is one INFO line in the model replica's log, no traceback.
+        lines = model_log_lines(cluster, "tiny", request_id)
+        assert {line.split()[0] for line in lines} == {"INFO"}, lines
+        assert any("refused: prompt has" in line for line in lines)
+
+
+def model_log_lines(cluster, app: str, request_id: str) -> list[str]:
+    """The model replica's log lines tagged with ``request_id`` (Serve tags each)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [
+            line
+            for log in (cluster.session_dir / "logs" / "serve").glob(f"replica_{app}_Model-*.log")
+            for line in log.read_text(errors="replace").splitlines()
+            if f" {request_id} -- " in line
+        ]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.3)
 
 
 def test_max_length_counts_the_prompt(tiny_url):
