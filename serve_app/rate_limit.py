@@ -284,13 +284,25 @@ class StorageBackend(_CountsHere, Backend):
     """Counters in a `limits` storage used from this process (Redis in production)."""
 
     def __init__(self, uri: str) -> None:
+        self._uri = uri
         self.name = uri.split(":", 1)[0]
+        self._counter = self._connect()
+
+    def _connect(self) -> WindowCounter:
         options = {"implementation": "redispy"} if self.name.startswith("redis") else {}
-        self._counter = WindowCounter(storage_from_string(f"async+{uri}", **options))
+        return WindowCounter(storage_from_string(f"async+{self._uri}", **options))
 
     async def ping(self) -> None:
         if not await self._counter.ping():
             raise ConnectionError(f"{self.name} storage does not answer")
+
+    def reset(self) -> None:
+        # A call cut off by the limiter's timeout can leave a redis-py connection half
+        # read, failing every later call on it even once the server is back (seen: a
+        # fail-closed app refusing for 20 s after Redis restarted). A new client starts
+        # clean. Counters in this process's memory would be lost: they are kept.
+        if self.name != "memory":
+            self._counter = self._connect()
 
 
 class StoreUnavailableError(Exception):

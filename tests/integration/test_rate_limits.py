@@ -175,20 +175,23 @@ def test_a_keys_token_quota_stops_it_before_it_can_overdraw(keys_url):
 
 
 def test_concurrent_requests_cannot_overdraw_a_token_quota(keys_url):
-    """Eight requests at once against 100 tokens, each able to cost 40: admission
-    reserves the worst case, so at most two run, and the key is charged what they used."""
+    """Eight requests at once against 100 tokens, each reserving 64 (its worst case)
+    and using about 35: admission reserves the worst case, so however they interleave
+    at most two are admitted and the key is charged at most its 100. Charged after the
+    fact, as before, all eight ran and cost about 280."""
+    body = {"prompt": QUOTA_PROBE["prompt"], "max_new_tokens": 30, "temperature": 0}
 
     async def burst():
         async with httpx.AsyncClient(timeout=60) as client:
             return await asyncio.gather(*(
-                client.post(f"{keys_url}/generate", json=QUOTA_PROBE, headers={"X-API-Key": KEY_BURST})
+                client.post(f"{keys_url}/generate", json=body, headers={"X-API-Key": KEY_BURST})
                 for _ in range(8)
             ))
 
     responses = asyncio.run(burst())
     admitted = [r for r in responses if r.status_code == 200]
-    assert 1 <= len(admitted) <= 100 // PROBE_WORST_CASE
     assert {r.status_code for r in responses} <= {200, 429}
+    assert 1 <= len(admitted) <= 2, [r.status_code for r in responses]
     assert sum(r.json()["usage"]["total_tokens"] for r in admitted) <= 100
 
 
