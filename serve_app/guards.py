@@ -56,7 +56,7 @@ class RequestGuardMiddleware:
     fast 503 (rather than letting a queue grow without bound), and refuses bodies that
     are too large or not JSON before anything reads them."""
 
-    def __init__(self, app: ASGIApp, max_concurrent: int, max_body_bytes: int, body_read_timeout_s: float = 30) -> None:
+    def __init__(self, app: ASGIApp, max_concurrent: int, max_body_bytes: int, body_read_timeout_s: float) -> None:
         self.app = app
         self.max_concurrent = max_concurrent
         self.max_body_bytes = max_body_bytes

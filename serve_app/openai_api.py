@@ -79,8 +79,8 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
     )
     async def completions(body: CompletionRequest, request: Request):
         handle = ingress.begin(request, body.model, sum(len(p) for p in body.prompts), "prompt")
-        response_id = f"cmpl-{request.state.request_id}"  # the request's one id, OpenAI's prefix
         request_id = request.state.request_id
+        response_id = f"cmpl-{request_id}"  # the request's one id, OpenAI's prefix
         if body.stream:
             prompt = body.prompts[0]
             params = body.to_generation_params(request_id, prompt)

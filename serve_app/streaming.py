@@ -99,7 +99,7 @@ async def generate(
             if isinstance(result, InvalidRequestError):  # the model's refusal, as a value
                 raise result
     except BaseException as exc:
-        if isinstance(exc, asyncio.CancelledError) or getattr(exc, "status_code", None) == 504:
+        if isinstance(exc, asyncio.CancelledError) or (isinstance(exc, ServiceError) and exc.status_code == 504):
             # The client left, or the deadline passed, while the model generated: it
             # stopped, but its count never reached us. The reservation (the most it
             # could have generated) is kept rather than given back, so that leaving

@@ -9,6 +9,7 @@ waits for a long one and a new request never waits for a batch to drain
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import dataclasses
 import inspect
@@ -699,29 +700,33 @@ class TransformersEngine(Engine):
         )
 
 
-class _Decoding:
+class _Decoding(abc.ABC):
     """How the scheduler decodes its running rows: `_DynamicDecoding` or `_SlotDecoding`."""
 
-    busy: bool  # rows running, or tokens not yet handed over
+    @property
+    @abc.abstractmethod
+    def busy(self) -> bool:
+        """Rows running, or tokens not yet handed over."""
 
+    @abc.abstractmethod
     def free_rows(self) -> int:
         """Rows that newly prefilled sequences may take now."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def join(self, prefilled: _Prefilled) -> None:
-        raise NotImplementedError
+        """Takes newly prefilled rows into the running batch."""
 
+    @abc.abstractmethod
     def step(self) -> None:
         """One decode step of the running rows, if any; hands tokens over."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def sequences(self) -> list[_Sequence]:
         """Every sequence still owed tokens (to fail them when a step fails)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def clear(self) -> None:
         """Forgets every row (after a failed step)."""
-        raise NotImplementedError
 
 
 class _DynamicDecoding(_Decoding):
