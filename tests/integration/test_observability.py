@@ -116,6 +116,16 @@ def test_prometheus_sees_exactly_what_was_sent(prometheus, traffic):
     assert query(prometheus, 'sum(ray_textgen_rate_limited_total{route="/generate"})') >= 1
 
 
+def test_prometheus_sees_the_load_autoscaling_acts_on_and_its_decision(prometheus, traffic):
+    # The traffic has ended: the replica holds nothing and owes nothing, and Serve's
+    # autoscaler, at min_replicas, wants the one replica it runs. A series that is not
+    # scraped reads None, not 0, so these also show that Prometheus has them.
+    wait_for_value(prometheus, f'sum(ray_textgen_token_backlog{{model="{MODEL}"}})', 0)
+    wait_for_value(prometheus, f'sum(ray_textgen_sequences{{model="{MODEL}",state="running"}})', 0)
+    wait_for_value(prometheus, f'sum(ray_textgen_sequences{{model="{MODEL}",state="waiting"}})', 0)
+    wait_for_value(prometheus, 'max(ray_serve_autoscaling_desired_replicas{application="observed"})', 1)
+
+
 def exported_names(metrics_url: str) -> set[str]:
     text = httpx.get(metrics_url, timeout=10).text
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
@@ -141,7 +151,8 @@ def test_design_metrics_are_all_exported(cluster, traffic):
         "ray_textgen_requests_total", "ray_textgen_rate_limited_total", "ray_textgen_prompt_tokens_total",
         "ray_textgen_completion_tokens_total", "ray_textgen_request_latency_seconds_bucket",
         "ray_textgen_time_to_first_token_seconds_bucket", "ray_textgen_queue_time_seconds_bucket",
-        "ray_textgen_batch_size_bucket", "ray_textgen_model_load_seconds_bucket",
+        "ray_textgen_batch_size_bucket", "ray_textgen_model_load_seconds_bucket", "ray_textgen_sequences",
+        "ray_textgen_token_backlog",
     }
     deadline = time.monotonic() + 30
     while (missing := design - exported_names(cluster.metrics_url)) and time.monotonic() < deadline:
