@@ -126,6 +126,11 @@ class RequestGuardMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return 413, self._too_large_message(), {}
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        if not content_type:
+            # FastAPI would not read such a body as JSON, and its complaint names no
+            # field; an empty body goes on to the "no body" 422, which names one.
+            if (length is not None and length != "0") or "transfer-encoding" in headers:
+                return 415, "send JSON (Content-Type: application/json); the request has no Content-Type", {}
+        elif content_type != "application/json" and not content_type.endswith("+json"):
             return 415, f"send JSON (Content-Type: application/json), not {content_type}", {}
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -37,6 +38,19 @@ def route_label(scope: Scope) -> str:
     return path if path in SCHEMA_PATHS else "unmatched"
 
 
+_LOGGED_ERROR_CHARS = 300
+
+
+def _error_message(body: bytes) -> str:
+    """The message of an error body (every error response has one: errors.error_body),
+    cut to one short line; empty for a body of another kind."""
+    try:
+        message = str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return message if len(message) <= _LOGGED_ERROR_CHARS else message[:_LOGGED_ERROR_CHARS] + "..."
+
+
 class RequestContextMiddleware:
     """Pure ASGI middleware (it does not buffer streaming responses).
 
@@ -46,7 +60,9 @@ class RequestContextMiddleware:
     header itself only when no proxy did (the app served bare, as in unit tests).
 
     It logs one line per request (id, method, path, status, tokens, latency; never the
-    prompt) and turns an exception that escaped every handler into a masked JSON 500.
+    prompt; for an error, the message its body gave the client) and turns an exception
+    that escaped every handler into a masked JSON 500. A client's error is that INFO line
+    and nothing more: tracebacks are for server faults.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -65,6 +81,7 @@ class RequestContextMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         response_status: list[int] = []
+        error_messages: list[str] = []
         app = self.app if sane else self._refuse_request_id
 
         async def send_with_request_id(message: Message) -> None:
@@ -72,6 +89,8 @@ class RequestContextMiddleware:
                 if incoming_id is None:
                     MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
                 response_status.append(message["status"])
+            elif message["type"] == "http.response.body" and response_status[0] >= 400 and not error_messages:
+                error_messages.append(_error_message(message.get("body", b"")))
             await send(message)
 
         try:
@@ -87,7 +106,7 @@ class RequestContextMiddleware:
             metrics.record_request(route_label(scope), status, state.get("model", ""), latency_s)
             logger.info(
                 "request_id=%s method=%s path=%s status=%s prompt_tokens=%s "
-                "completion_tokens=%s latency_ms=%.1f",
+                "completion_tokens=%s latency_ms=%.1f%s",
                 request_id,
                 scope.get("method"),
                 scope.get("path"),
@@ -95,6 +114,7 @@ class RequestContextMiddleware:
                 usage.prompt_tokens if usage else "-",
                 usage.completion_tokens if usage else "-",
                 latency_s * 1000,
+                f" error={json.dumps(error_messages[0])}" if error_messages and error_messages[0] else "",
             )
 
     @staticmethod

@@ -1,6 +1,8 @@
 """The HTTP side without Ray: the FastAPI app over a fake model handle."""
 
 import asyncio
+import logging
+import re
 import json
 
 import httpx
@@ -184,6 +186,8 @@ def test_body_over_the_limit_is_413_and_non_json_is_415():
         assert chunked.status_code == 413, "a body without Content-Length is counted as it arrives"
         form = client.post("/generate", content=b"prompt=hi", headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert form.status_code == 415 and "application/json" in form.json()["error"]["message"]
+        untyped = client.post("/generate", content=b'{"prompt": "hi"}')
+        assert untyped.status_code == 415 and "no Content-Type" in untyped.json()["error"]["message"]
         assert client.post("/v1/completions", content=b"x", headers={"Content-Type": "text/plain"}).json()["error"]["code"] is None
 
 
@@ -354,3 +358,22 @@ def test_the_body_id_is_the_request_id(client):
     completion = client.post("/v1/completions", json={"model": "fake", "prompt": "a", "max_tokens": 1},
                              headers={"X-Request-ID": "one-id-2"})
     assert completion.json()["id"] == "cmpl-one-id-2"
+
+
+def test_a_client_error_is_one_info_line_with_its_id_and_reason(client, caplog):
+    caplog.set_level(logging.INFO, logger="ray.serve")
+    for path, body, status in [
+        ("/generate", {"prompt": "Hi", "temperature": 3}, 422),
+        ("/v1/completions", {"model": "nope", "prompt": "Hi"}, 404),
+    ]:
+        caplog.clear()
+        response = client.post(path, json=body, headers={"X-Request-ID": f"bad-{status}"})
+        assert response.status_code == status
+        [record] = [r for r in caplog.records if f"bad-{status}" in r.getMessage()]
+        assert record.levelno == logging.INFO and record.exc_info is None
+        message = response.json()["error"]["message"]
+        assert re.search(rf"status={status} .* error={re.escape(json.dumps(message))}$", record.getMessage())
+    caplog.clear()
+    client.post("/generate", json={"prompt": "abc", "max_new_tokens": 2}, headers={"X-Request-ID": "fine"})
+    [record] = [r for r in caplog.records if "request_id=fine " in r.getMessage()]
+    assert "error=" not in record.getMessage()
