@@ -61,6 +61,8 @@ class PreparedRequest:
     top_p: float
     top_k: int
     repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
     stop: tuple[str, ...]
     seed: int | None
     num_return_sequences: int
@@ -130,6 +132,8 @@ def prepare_request(
         top_p=float(pick(params.top_p, defaults.top_p)),
         top_k=int(pick(params.top_k, defaults.top_k)),
         repetition_penalty=float(pick(params.repetition_penalty, defaults.repetition_penalty)),
+        presence_penalty=float(params.presence_penalty),
+        frequency_penalty=float(params.frequency_penalty),
         stop=params.stop,
         seed=params.seed,
         num_return_sequences=params.num_return_sequences,

@@ -48,6 +48,9 @@ class GenerationParams:
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
+    # OpenAI's, over the tokens generated so far (no model default exists for them).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     num_return_sequences: int = 1

@@ -1,10 +1,9 @@
 """OpenAI-compatible request and response bodies (/v1/completions, /v1/chat/completions,
 /v1/models), with OpenAI's field names and defaults.
 
-Parameters OpenAI clients send with neutral values (penalties of 0, `logprobs` off,
-`best_of` equal to `n`) are accepted; asking for what this service does not do (log
-probabilities, tools, logit bias, non-zero presence/frequency penalties) is a 400 that
-names the parameter, never a silent ignore.
+Parameters OpenAI clients send with neutral values (`logprobs` off, `best_of` equal to
+`n`) are accepted; asking for what this service does not do (log probabilities, tools,
+logit bias) is a 400 that names the parameter, never a silent ignore.
 """
 
 from __future__ import annotations
@@ -15,7 +14,16 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from deployments.protocol import MAX_REQUEST_NEW_TOKENS, FinishReason, GenerationParams
-from serve_app.schemas import MAX_NEW_TOKENS_LIMIT, RepetitionPenalty, Seed, Temperature, TopK, TopP, Usage
+from serve_app.schemas import (
+    MAX_NEW_TOKENS_LIMIT,
+    OpenAIPenalty,
+    RepetitionPenalty,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+    Usage,
+)
 
 def encodable(text: str) -> str:
     """Refuses lone surrogates: JSON can escape one ("\\ud800"), the tokenizer cannot take
@@ -70,8 +78,8 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: StopString | list[StopString] | None = Field(default=None, description="Up to 4 stop sequences.")
     seed: Seed | None = None
-    presence_penalty: float = Field(default=0, ge=-2, le=2, description="Only 0 is supported.")
-    frequency_penalty: float = Field(default=0, ge=-2, le=2, description="Only 0 is supported.")
+    presence_penalty: OpenAIPenalty = Field(default=0, description="Lowers tokens already generated, once.")
+    frequency_penalty: OpenAIPenalty = Field(default=0, description="Lowers tokens by how often they were generated.")
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported.")
     user: str | None = Field(default=None, description="Accepted and ignored.")
     # Extensions beside OpenAI's parameters, as vLLM's server offers them.
@@ -82,11 +90,6 @@ class _SamplingRequest(BaseModel):
     def _only_supported(self) -> "_SamplingRequest":
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise UnsupportedParameterError("stop", "stop takes at most 4 sequences")
-        if self.presence_penalty or self.frequency_penalty:
-            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
-            raise UnsupportedParameterError(
-                param, f"{param} is not supported (only 0); repetition_penalty is available"
-            )
         if self.logit_bias:
             raise UnsupportedParameterError("logit_bias", "logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
@@ -111,6 +114,8 @@ class _SamplingRequest(BaseModel):
             top_p=self.top_p,
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             stop=self.stop_sequences,
             seed=self.seed,
             num_return_sequences=self.n,

@@ -16,6 +16,9 @@ Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 TopK = Annotated[int, Field(ge=0, le=2**31 - 1)]
 RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
+# OpenAI's presence and frequency penalties: subtracted from the logits of tokens the
+# sequence has generated (once, or once per time).
+OpenAIPenalty = Annotated[float, Field(ge=-2, le=2)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
@@ -50,6 +53,12 @@ class GenerateRequest(BaseModel):
     repetition_penalty: RepetitionPenalty | None = Field(
         default=None, description="Above 1 discourages repeating seen tokens."
     )
+    presence_penalty: OpenAIPenalty = Field(
+        default=0, description="OpenAI's: subtracted once from each token already generated."
+    )
+    frequency_penalty: OpenAIPenalty = Field(
+        default=0, description="OpenAI's: subtracted from each token once per time it was generated."
+    )
     stop: list[StopString] = Field(
         default_factory=list,
         max_length=4,
@@ -79,6 +88,8 @@ class GenerateRequest(BaseModel):
             top_p=self.top_p,
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             stop=tuple(self.stop),
             seed=self.seed,
             num_return_sequences=self.num_return_sequences,

@@ -696,6 +696,8 @@ class TransformersEngine(Engine):
             top_p=request.top_p,
             top_k=request.top_k,
             repetition_penalty=request.repetition_penalty,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
             seed=seed,
         )
 

@@ -5,7 +5,9 @@ with different temperature/top_p/top_k/repetition_penalty/seed in one batch woul
 sample some of them with another's parameters. Here every parameter is a per-row tensor
 and every row draws from its own `torch.Generator`, so a row's tokens depend only on its
 own logits, parameters and seed, never on its neighbours. The order of the processors
-is transformers' own: repetition penalty, temperature, top-k, top-p.
+is vLLM's: repetition penalty (over prompt and generated tokens, as transformers'),
+then OpenAI's frequency and presence penalties (over generated tokens), then
+temperature, top-k and top-p as transformers orders them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ class RowSampling:
     top_k: int
     repetition_penalty: float
     seed: int | None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+def penalize_generated(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's penalties: each token's logit less ``frequency`` x the times the row has
+    generated it, less ``presence`` if it has at all (``counts`` [rows, vocab])."""
+    counts = counts.to(logits.dtype)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
 
 
 class BatchSampler:
@@ -52,12 +65,18 @@ class BatchSampler:
         self._top_p = torch.tensor([r.top_p for r in rows], device=self._device)
         self._top_k = torch.tensor([r.top_k for r in rows], dtype=torch.long, device=self._device)
         self._penalty = torch.tensor([r.repetition_penalty for r in rows], device=self._device)
+        self._presence = torch.tensor([r.presence_penalty for r in rows], device=self._device)
+        self._frequency = torch.tensor([r.frequency_penalty for r in rows], device=self._device)
         self._generators = [self._generator(r.seed) for r in rows]
-        self._seen: torch.Tensor | None = None
+        # Made only for a batch that has a row to penalise (a join adds them if needed).
+        self._seen: torch.Tensor | None = None  # [rows, vocab], tokens in prompt or output
+        self._counts: torch.Tensor | None = None  # [rows, vocab], times each was generated
         if bool((self._penalty != 1.0).any()):
             self._seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=self._device)
             for row, ids in enumerate(prompt_token_ids):
                 self._seen[row, torch.tensor(ids, dtype=torch.long, device=self._device)] = True
+        if bool(((self._presence != 0) | (self._frequency != 0)).any()):
+            self._counts = torch.zeros(len(rows), vocab_size, dtype=torch.int32, device=self._device)
 
     def _generator(self, seed: int | None) -> torch.Generator:
         generator = torch.Generator(device=self._device)
@@ -72,6 +91,8 @@ class BatchSampler:
             logits = torch.where(self._seen, penalized, logits)
             if bool((self._penalty < _OVERFLOWING_DIVISOR).any()):
                 logits = _finite(logits)
+        if self._counts is not None:
+            logits = penalize_generated(logits, self._counts, self._presence, self._frequency)
         next_tokens = logits.argmax(dim=-1)
         sampled_rows = (self._temperature > 0).nonzero().flatten()
         if sampled_rows.numel() == 0:
@@ -98,9 +119,11 @@ class BatchSampler:
         return scores.masked_fill(scores < kth_best, float("-inf"))
 
     def observe(self, tokens: torch.Tensor) -> None:
-        """Records the tokens just chosen, for the repetition penalty."""
+        """Records the tokens just chosen, for the penalties."""
         if self._seen is not None:
             self._seen.scatter_(1, tokens[:, None], True)
+        if self._counts is not None:
+            self._counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=self._counts.dtype))
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keeps only ``rows`` (indices into the current rows), in that order."""
@@ -108,9 +131,13 @@ class BatchSampler:
         self._top_p = self._top_p[rows]
         self._top_k = self._top_k[rows]
         self._penalty = self._penalty[rows]
+        self._presence = self._presence[rows]
+        self._frequency = self._frequency[rows]
         self._generators = [self._generators[i] for i in rows.tolist()]
         if self._seen is not None:
             self._seen = self._seen[rows]
+        if self._counts is not None:
+            self._counts = self._counts[rows]
 
     def __len__(self) -> int:
         return len(self._generators)
@@ -121,14 +148,24 @@ class BatchSampler:
         self._top_p = torch.cat([self._top_p, other._top_p])
         self._top_k = torch.cat([self._top_k, other._top_k])
         self._penalty = torch.cat([self._penalty, other._penalty])
-        if self._seen is not None or other._seen is not None:
-            self._seen = torch.cat([self._seen_or_none(), other._seen_or_none()])
+        self._presence = torch.cat([self._presence, other._presence])
+        self._frequency = torch.cat([self._frequency, other._frequency])
+        self._seen = self._joined_marks(self._seen, other._seen, len(other), torch.bool)
+        self._counts = self._joined_marks(self._counts, other._counts, len(other), torch.int32)
         self._generators = self._generators + other._generators
 
-    def _seen_or_none(self) -> torch.Tensor:
-        if self._seen is not None:
-            return self._seen
-        return torch.zeros(len(self), self._vocab_size, dtype=torch.bool, device=self._device)
+    def _joined_marks(
+        self, mine: torch.Tensor | None, theirs: torch.Tensor | None, their_rows: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Per-token marks [rows, vocab] of both batches, stacked; a batch that had none
+        (no row needed them) counts as all zeros."""
+        if mine is None and theirs is None:
+            return None
+
+        def zeros(rows: int) -> torch.Tensor:
+            return torch.zeros(rows, self._vocab_size, dtype=dtype, device=self._device)
+
+        return torch.cat([zeros(len(self)) if mine is None else mine, zeros(their_rows) if theirs is None else theirs])
 
 
 # Candidates examined for top-p before falling back to sorting the whole vocabulary.
@@ -232,20 +269,26 @@ def sample_rows(
     top_k: torch.Tensor,
     penalty: torch.Tensor,
     seen: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+    counts: torch.Tensor,
     seeds: torch.Tensor,
     counters: torch.Tensor,
     sampled: bool,
 ) -> torch.Tensor:
     """The next token of every row, from float32 ``logits`` [rows, vocab]; each parameter
     is a per-row tensor, ``seen`` [rows, vocab] marks the tokens the repetition penalty
-    covers. Same processors and order as BatchSampler (repetition penalty, temperature,
-    top-k, top-p); rows with ``temperature == 0`` are greedy. ``sampled`` is the host's
-    knowledge that some row samples or is penalised: False skips straight to argmax."""
+    covers, ``counts`` [rows, vocab] the times each token was generated. Same processors
+    and order as BatchSampler (repetition penalty, frequency and presence penalties,
+    temperature, top-k, top-p); rows with ``temperature == 0`` are greedy. ``sampled`` is
+    the host's knowledge that some row samples or is penalised: False skips straight to
+    argmax."""
     if not sampled:
         return logits.argmax(dim=-1)
     penalty = penalty[:, None]
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     logits = _finite(torch.where(seen, penalized, logits))
+    logits = penalize_generated(logits, counts, presence, frequency)
     greedy = logits.argmax(dim=-1)
     scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     ordered, ordered_ids = _finite(logits / scale[:, None]).sort(dim=-1, descending=True)

@@ -179,6 +179,10 @@ class SlotDecoder:
         self._top_k = zeros(slots)
         self._penalty = zeros(slots, dtype=torch.float32)
         self._seen = zeros(slots, vocab_size, dtype=torch.bool)
+        self._presence = zeros(slots, dtype=torch.float32)
+        self._frequency = zeros(slots, dtype=torch.float32)
+        # Times each row generated each token; int16 holds the most new tokens (4096).
+        self._counts = zeros(slots, vocab_size, dtype=torch.int16)
         self._chosen = zeros(slots)  # the tokens a step chose, read by `Tokens`
         self._host_tokens = [
             torch.zeros(slots, dtype=torch.long, pin_memory=device == "cuda") for _ in range(4)
@@ -254,11 +258,17 @@ class SlotDecoder:
         put(self._top_p, [r.top_p for r in sampling])
         put(self._top_k, [r.top_k for r in sampling])
         put(self._penalty, [r.repetition_penalty for r in sampling])
+        put(self._presence, [r.presence_penalty for r in sampling])
+        put(self._frequency, [r.frequency_penalty for r in sampling])
+        self._counts[joined] = 0
         self._seen[joined] = False
         prompt_rows = torch.cat([torch.full((length,), row, device=device) for row, length in enumerate(lengths)])
         prompt_ids = torch.tensor([token for prompt in prompts for token in prompt], device=device)
         self._seen[first + prompt_rows, prompt_ids] = True
-        samples = [r.temperature > 0 or r.repetition_penalty != 1.0 for r in sampling]
+        samples = [
+            r.temperature > 0 or r.repetition_penalty != 1.0 or r.presence_penalty != 0 or r.frequency_penalty != 0
+            for r in sampling
+        ]
         self._choose(logits, joined, sampled=any(samples))
         self.rows += rows
         self._lengths += [length + 1 for length in lengths]
@@ -275,6 +285,9 @@ class SlotDecoder:
             self._top_k[rows],
             self._penalty[rows],
             self._seen[rows],
+            self._presence[rows],
+            self._frequency[rows],
+            self._counts[rows],
             self._seeds[rows],
             self._counters[rows],
             sampled,
@@ -283,6 +296,7 @@ class SlotDecoder:
         self._input_ids[rows, 0] = chosen
         self._counters[rows] += 1
         self._seen[rows].scatter_(1, chosen[:, None], True)
+        self._counts[rows].scatter_add_(1, chosen[:, None], torch.ones_like(chosen[:, None], dtype=self._counts.dtype))
 
     def step(self) -> Tokens:
         """Launches one decode step of every row (rows must be non-empty); returns its
@@ -335,7 +349,7 @@ class SlotDecoder:
         values it writes are the ones the real step writes again). A shape that cannot
         be captured runs eagerly from then on, and says so once."""
         rows = key[0]
-        state = [self._input_ids, self._positions, self._counters, self._seen, self._chosen]
+        state = [self._input_ids, self._positions, self._counters, self._seen, self._counts, self._chosen]
         saved = [tensor[:rows].clone() for tensor in state]
 
         def restore() -> None:
@@ -385,7 +399,8 @@ class SlotDecoder:
     def _per_slot_state(self) -> list[torch.Tensor]:
         """Every per-slot tensor but the KV cache (slot first)."""
         return [self._input_ids, self._positions, self._counters, self._seeds, self._temperature,
-                self._top_p, self._top_k, self._penalty, self._seen, self._chosen]
+                self._top_p, self._top_k, self._penalty, self._seen, self._presence, self._frequency,
+                self._counts, self._chosen]
 
     def clear(self) -> None:
         """Forgets every row (after a failed step)."""

@@ -154,6 +154,26 @@ def test_openai_client_chat_gets_a_sensible_answer(served):
             client.completions.create(model="smollm2-135m-instruct", prompt="x", temperature=-1)
 
 
+def test_presence_and_frequency_penalties_reach_the_model_on_both_apis(served):
+    url = served.url
+    prompt = "List the planets: Mercury, Venus,"
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+        def complete(**penalties) -> str:
+            return client.completions.create(
+                model=MODEL_NAME, prompt=prompt, max_tokens=24, temperature=0, **penalties
+            ).choices[0].text
+
+        plain, penalized = complete(), complete(frequency_penalty=2.0, presence_penalty=1.0)
+    assert penalized != plain, "the penalties steered greedy decoding away from repeats"
+    native = httpx.post(
+        f"{url}/generate",
+        json={"prompt": prompt, "max_new_tokens": 24, "temperature": 0, "frequency_penalty": 2.0,
+              "presence_penalty": 1.0},
+        timeout=60,
+    )
+    assert native.status_code == 200 and native.json()["text"] == penalized
+
+
 def test_streamed_emoji_arrive_whole(served):
     url = served.url
     messages = [{"role": "user", "content": "Write three emojis about the sea."}]

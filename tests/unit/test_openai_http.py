@@ -107,7 +107,7 @@ def test_async_client_streams_too(http):
     "kwargs, param",
     [
         ({"temperature": 3}, "temperature"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"logprobs": 2}, "logprobs"),
         ({"n": 9}, "n"),
         ({"best_of": 3}, "best_of"),

@@ -28,13 +28,14 @@ def test_every_field_converts():
         {
             "prompt": "p", "max_new_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 5,
             "repetition_penalty": 1.2, "stop": ["a", "b"], "seed": 3, "num_return_sequences": 2,
-            "stream": True, "model": "m",
+            "stream": True, "model": "m", "presence_penalty": -0.5, "frequency_penalty": 2,
         }
     )
     params = request.to_generation_params("r")
     assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k) == (7, 0.5, 0.9, 5)
     assert (params.repetition_penalty, params.stop, params.seed) == (1.2, ("a", "b"), 3)
     assert params.num_return_sequences == 2
+    assert (params.presence_penalty, params.frequency_penalty) == (-0.5, 2)
 
 
 @pytest.mark.parametrize(
@@ -51,6 +52,8 @@ def test_every_field_converts():
         ({"top_k": -1}, "top_k", "greater than or equal to 0"),
         ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
         ({"repetition_penalty": 10.5}, "repetition_penalty", "less than or equal to 10"),
+        ({"presence_penalty": -2.1}, "presence_penalty", "greater than or equal to -2"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty", "less than or equal to 2"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 items"),
         ({"stop": [""]}, "stop", "at least 1 character"),
         ({"stop": ["x" * 257]}, "stop", "at most 256 characters"),

@@ -124,6 +124,9 @@ def sample(logits, **params):
         top_k=per_row(params.get("top_k", 0), torch.long),
         penalty=per_row(params.get("penalty", 1.0)),
         seen=params.get("seen", torch.zeros_like(logits, dtype=torch.bool)),
+        presence=per_row(params.get("presence", 0.0)),
+        frequency=per_row(params.get("frequency", 0.0)),
+        counts=params.get("counts", torch.zeros_like(logits, dtype=torch.int16)),
         seeds=params.get("seeds", torch.arange(rows)),
         counters=per_row(0, torch.long),
         sampled=True,
@@ -169,6 +172,25 @@ def test_greedy_rows_and_the_repetition_penalty_match_the_batch_sampler():
     assert torch.equal(sample(logits, temperature=0.0, penalty=2.5, seen=seen), expected)
     assert torch.equal(sample(logits, temperature=0.0), logits.argmax(dim=-1))
     assert math.isfinite(float(sample(torch.full((1, 50), 1e38), temperature=1e-30)[0]))
+
+
+def test_presence_and_frequency_penalties_match_the_batch_sampler():
+    from deployments.transformers_engine.sampling import BatchSampler, RowSampling
+
+    torch.manual_seed(1)
+    logits = torch.randn(4, 50)
+    favourite = int(logits[1].argmax())
+    generated = torch.tensor([[3, 3, 3, 7], [favourite, favourite, 5, 6], [8, 9, 10, 11], [1, 2, 1, 1]])
+    counts = torch.stack([torch.bincount(tokens, minlength=50) for tokens in generated]).to(torch.int16)
+    row = RowSampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None,
+                      presence_penalty=0.7, frequency_penalty=1.5)
+    sampler = BatchSampler([row] * 4, [[0]] * 4, 50, "cpu")
+    for step in range(generated.shape[1]):
+        sampler.observe(generated[:, step])
+    expected = (logits - 1.5 * counts - 0.7 * (counts > 0)).argmax(dim=-1)
+    assert torch.equal(sampler.sample(logits), expected)
+    assert torch.equal(sample(logits, temperature=0.0, presence=0.7, frequency=1.5, counts=counts), expected)
+    assert not torch.equal(expected, logits.argmax(dim=-1)), "the penalties changed some row's choice"
 
 
 @pytest.mark.parametrize("kv_cache", ["slots"])

@@ -137,6 +137,67 @@ def hf_greedy_tokens(model_dir, prompt: str, max_new_tokens: int) -> list[int]:
     return output[0, input_ids.shape[1] :].tolist()
 
 
+def openai_penalized_greedy_text(model_dir, prompt: str, max_new_tokens: int, presence: float, frequency: float) -> str:
+    """OpenAI's definition, step by step over the whole sequence (no cache): each
+    token's logit less frequency x its count among the generated tokens, less presence
+    if it was generated at all; then the likeliest."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    generated: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([prompt_ids + generated])).logits[0, -1].float()
+            counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=logits.shape[0]).float()
+            generated.append(int((logits - frequency * counts - presence * (counts > 0).float()).argmax()))
+            if generated[-1] == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(generated, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def flat_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its output layer scaled down: its logits lie within a few
+    units of each other, as a trained model's top candidates do, so that penalties of
+    -2..2 change what greedy picks (the random model's logits spread too far)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.05)
+    folder = tmp_path_factory.mktemp("flat-llama")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "slots"])
+def test_presence_and_frequency_penalties_are_openais_per_row(flat_model_dir, kv_cache):
+    engine = TransformersEngine(
+        ModelConfig(name="flat", source=str(flat_model_dir), dtype="float32", kv_cache=kv_cache), "cpu"
+    )
+    engine.load()
+    # (presence, frequency): a negative presence makes the model repeat; the frequency
+    # penalty then decides after how many repeats it stops.
+    prompt, penalized = "Once upon a time", [(-2.0, -1.0), (-2.0, 0.9), (-2.0, 1.5), (2.0, 2.0)]
+    try:
+        results = run(
+            engine,
+            *(greedy(prompt, max_new_tokens=16, presence_penalty=p, frequency_penalty=f) for p, f in penalized),
+            greedy(prompt, max_new_tokens=16),  # in the same batch, unpenalised
+        )
+    finally:
+        engine.close()
+    texts = [result[0][0] for result in results]
+    for (presence, frequency), text in zip([*penalized, (0.0, 0.0)], texts, strict=True):
+        assert text == openai_penalized_greedy_text(flat_model_dir, prompt, 16, presence, frequency)
+    assert len(set(texts[:3] + texts[-1:])) == 4, f"the penalties changed the text: {texts}"
+
+
 def test_extreme_valid_penalty_and_temperature_still_generate(engine):
     # Both are within the contract's bounds; float32 turns them into 0 and denormals.
     results = run(
