@@ -79,7 +79,7 @@ simulate: setup $(VENV)/.installed-bench
 # the embedded model's config and tokenizer (models there get random weights) and the
 # wheels of our engine's other imports, for that machine's Python.
 GPU_PYTHON ?= 3.12
-GPU_WHEELS := transformers==5.24.0 tokenizers==0.23.3 pydantic==2.14.4 pydantic-core==2.50.5 \
+GPU_WHEELS := transformers==5.24.0 tokenizers==0.23.3 pydantic==2.14.4 pydantic-core==2.50.5 llguidance==1.9.1 \
 	pydantic-settings==2.16.3 annotated-types typing-inspection typing-extensions python-dotenv
 
 gpu-bundle: setup

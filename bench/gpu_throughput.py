@@ -59,9 +59,12 @@ def build_model(config_folder: Path, overrides: dict, folder: Path) -> None:
     AutoTokenizer.from_pretrained(config_folder).save_pretrained(folder)
 
 
-def ours(engine: TransformersEngine, clients: int, seconds: float, new_tokens: int) -> dict:
-    """Closed loop: each client sends its next request when the last one ends."""
-    params = GenerationParams(prompt=PROMPT, max_new_tokens=new_tokens, temperature=0)
+def ours(
+    engine: TransformersEngine, clients: int, seconds: float, new_tokens: int, params: GenerationParams | None = None
+) -> dict:
+    """Closed loop: each client sends its next request when the last one ends; the
+    request is greedy on PROMPT unless ``params`` says otherwise."""
+    params = params or GenerationParams(prompt=PROMPT, max_new_tokens=new_tokens, temperature=0)
 
     async def run(duration: float) -> tuple[int, list[float], float]:
         deadline = time.monotonic() + duration

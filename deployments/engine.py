@@ -23,6 +23,7 @@ from deployments.protocol import (
     GenerationParams,
     InvalidRequestError,
     ModelStatus,
+    OutputConstraint,
     SequenceDelta,
 )
 
@@ -66,6 +67,7 @@ class PreparedRequest:
     stop: tuple[str, ...]
     seed: int | None
     num_return_sequences: int
+    constraint: OutputConstraint | None
     # Set when nobody waits for the result any more (the client left, the caller timed
     # out, a quota refused it): the engine drops the request's rows at its next step.
     cancelled: threading.Event = dataclasses.field(
@@ -137,6 +139,7 @@ def prepare_request(
         stop=params.stop,
         seed=params.seed,
         num_return_sequences=params.num_return_sequences,
+        constraint=params.constraint,
     )
 
 

@@ -28,6 +28,16 @@ ChatMessage = tuple[str, str]
 
 
 @dataclasses.dataclass(frozen=True)
+class OutputConstraint:
+    """What a sequence's text must match: a JSON schema (its JSON text) or a regular
+    expression. ``param`` is the request field that asked for it, named in errors."""
+
+    kind: Literal["json_schema", "regex"]
+    source: str
+    param: str
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerationParams:
     """One generation request as the model deployment sees it.
 
@@ -54,6 +64,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     num_return_sequences: int = 1
+    constraint: OutputConstraint | None = None
 
     def new_tokens_bound(self) -> int:
         """Most new tokens each sequence can generate (the model's default counts as

@@ -26,6 +26,7 @@ from serve_app.openai_schemas import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    OpenAIUsage,
     openai_finish_reason,
 )
 from serve_app.schemas import Usage
@@ -116,7 +117,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             for sequence in result.sequences
         ]
         return CompletionResponse(
-            id=response_id, model=results[0].model, choices=choices, usage=request.state.usage
+            id=response_id, model=results[0].model, choices=choices, usage=OpenAIUsage.of(request.state.usage)
         )
 
     @app.post(
@@ -160,7 +161,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
                 )
                 for sequence in result.sequences
             ],
-            usage=request.state.usage,
+            usage=OpenAIUsage.of(request.state.usage),
         )
 
 
@@ -178,5 +179,5 @@ def _usage_chunks(include_usage: bool, response_id: str, kind: str, model: str, 
         return []
     return [
         {"id": response_id, "object": kind, "created": int(time.time()), "model": model, "choices": [],
-         "usage": usage.model_dump()}
+         "usage": OpenAIUsage.of(usage).model_dump()}
     ]

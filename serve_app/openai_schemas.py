@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from deployments.protocol import MAX_REQUEST_NEW_TOKENS, FinishReason, GenerationParams
+from deployments.protocol import MAX_REQUEST_NEW_TOKENS, FinishReason, GenerationParams, OutputConstraint
 from serve_app.schemas import (
     MAX_NEW_TOKENS_LIMIT,
     OpenAIPenalty,
@@ -23,6 +23,7 @@ from serve_app.schemas import (
     TopK,
     TopP,
     Usage,
+    schema_constraint,
 )
 
 def encodable(text: str) -> str:
@@ -65,6 +66,47 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(default=False, description="Send a last chunk with usage.")
 
 
+class JSONSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="Names the format (OpenAI's rule).")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema", description="The JSON schema the answer follows.")
+    strict: bool | None = Field(default=None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormat(BaseModel):
+    """`text` (any text), `json_object` (a JSON object) or `json_schema` (JSON valid
+    against the given schema); both JSON kinds are enforced token by token."""
+
+    model_config = REQUEST_CONFIG
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise UnsupportedParameterError(
+                "response_format", "response_format takes json_schema exactly when its type is json_schema"
+            )
+        if self.json_schema is not None:
+            try:
+                schema_constraint(self.json_schema.json_schema, "response_format")
+            except ValueError as exc:
+                raise UnsupportedParameterError("response_format", f"response_format: {exc}") from None
+        return self
+
+    def constraint(self) -> OutputConstraint | None:
+        if self.type == "json_object":
+            return schema_constraint({"type": "object"}, "response_format")
+        if self.json_schema is not None:
+            return schema_constraint(self.json_schema.json_schema, "response_format")
+        return None
+
+
 class _SamplingRequest(BaseModel):
     """Fields shared by both endpoints."""
 
@@ -85,6 +127,9 @@ class _SamplingRequest(BaseModel):
     # Extensions beside OpenAI's parameters, as vLLM's server offers them.
     top_k: TopK | None = Field(default=None, description="Extension: keep the k likeliest tokens.")
     repetition_penalty: RepetitionPenalty | None = Field(default=None, description="Extension.")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="text, json_object or json_schema (enforced while generating)."
+    )
 
     @model_validator(mode="after")
     def _only_supported(self) -> "_SamplingRequest":
@@ -119,6 +164,7 @@ class _SamplingRequest(BaseModel):
             stop=self.stop_sequences,
             seed=self.seed,
             num_return_sequences=self.n,
+            constraint=self.response_format.constraint() if self.response_format else None,
             **input_fields,
         )
 
@@ -186,12 +232,6 @@ class ChatMessageIn(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    type: str
-
-
 class ChatCompletionRequest(_SamplingRequest):
     """Body of POST /v1/chat/completions; the model's own chat template renders it."""
 
@@ -204,7 +244,6 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     logprobs: bool = Field(default=False, description="Only false is supported.")
     top_logprobs: int | None = Field(default=None, description="Not supported.")
-    response_format: ResponseFormat | None = Field(default=None, description="Only {type: text}.")
     tools: list[dict] | None = Field(default=None, description="Not supported.")
     tool_choice: Any = Field(default=None, description="Only none.")
     parallel_tool_calls: bool | None = None
@@ -213,8 +252,6 @@ class ChatCompletionRequest(_SamplingRequest):
     def _chat_only_supported(self) -> "ChatCompletionRequest":
         if self.logprobs or self.top_logprobs is not None:
             raise UnsupportedParameterError("logprobs", "logprobs is not supported")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise UnsupportedParameterError("response_format", "only response_format {type: text} is supported")
         if self.tools:
             raise UnsupportedParameterError("tools", "tools are not supported")
         if self.tool_choice not in (None, "none"):
@@ -227,6 +264,22 @@ class ChatCompletionRequest(_SamplingRequest):
         """The handle payload; unset max tokens take the model's or service default."""
         messages = tuple((message.role if message.role != "developer" else "system", message.text) for message in self.messages)
         return self._params(request_id, self.max_completion_tokens or self.max_tokens, messages=messages)
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(
+        default=0, description="Prompt tokens served from a prefix cache: always 0, this service has none yet."
+    )
+
+
+class OpenAIUsage(Usage):
+    """OpenAI's usage, with the prompt's details (said, not left out)."""
+
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+    @classmethod
+    def of(cls, usage: Usage) -> "OpenAIUsage":
+        return cls(**usage.model_dump())
 
 
 class CompletionChoice(BaseModel):
@@ -242,7 +295,7 @@ class CompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
+    usage: OpenAIUsage | None = None
 
 
 class ChatMessageOut(BaseModel):
@@ -263,7 +316,7 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
-    usage: Usage
+    usage: OpenAIUsage
 
 
 class ModelCard(BaseModel):

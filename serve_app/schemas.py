@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
-from deployments.protocol import MAX_NEW_TOKENS, GenerationParams, GenerationResult
+from deployments.protocol import MAX_NEW_TOKENS, GenerationParams, GenerationResult, OutputConstraint
 
 MAX_NEW_TOKENS_LIMIT = MAX_NEW_TOKENS
 MAX_SEED = 2**63 - 1
@@ -20,6 +21,22 @@ RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
 # sequence has generated (once, or once per time).
 OpenAIPenalty = Annotated[float, Field(ge=-2, le=2)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+# Structured outputs: the largest JSON schema (as JSON text) and regular expression a
+# request may send; each is compiled into a grammar in the model replica.
+MAX_SCHEMA_CHARS = 32_768
+MAX_REGEX_CHARS = 1_024
+
+
+def schema_constraint(schema: dict[str, Any], param: str) -> OutputConstraint:
+    """The constraint of a JSON schema given in field ``param``.
+
+    Raises:
+        ValueError: the schema's JSON text is over MAX_SCHEMA_CHARS.
+    """
+    source = json.dumps(schema, ensure_ascii=False)  # key order kept: it is the output's order
+    if len(source) > MAX_SCHEMA_CHARS:
+        raise ValueError(f"the JSON schema has {len(source)} characters as JSON; the limit is {MAX_SCHEMA_CHARS}")
+    return OutputConstraint("json_schema", source, param)
 
 
 class GenerateRequest(BaseModel):
@@ -68,6 +85,33 @@ class GenerateRequest(BaseModel):
     num_return_sequences: int = Field(default=1, ge=1, le=4, description="Sequences to return.")
     stream: bool = Field(default=False, description="Answer with server-sent events.")
     model: str | None = Field(default=None, description="Model name; unset means the default.")
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "The text is JSON valid against this JSON schema (compact, no whitespace between "
+            "tokens); a schema that cannot be enforced is a 422 naming the reason."
+        ),
+    )
+    regex: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_REGEX_CHARS,
+        description="The whole text matches this regular expression (Rust regex syntax); never with json_schema.",
+    )
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_fits(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            schema_constraint(value, "json_schema")
+        return value
+
+    @field_validator("regex")
+    @classmethod
+    def _not_with_json_schema(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("json_schema") is not None:
+            raise ValueError("give json_schema or regex, not both")
+        return value
 
     @field_validator("max_length")
     @classmethod
@@ -93,7 +137,15 @@ class GenerateRequest(BaseModel):
             stop=tuple(self.stop),
             seed=self.seed,
             num_return_sequences=self.num_return_sequences,
+            constraint=self._constraint(),
         )
+
+    def _constraint(self) -> OutputConstraint | None:
+        if self.json_schema is not None:
+            return schema_constraint(self.json_schema, "json_schema")
+        if self.regex is not None:
+            return OutputConstraint("regex", self.regex, "regex")
+        return None
 
 
 FinishReason = Literal["length", "stop", "eos"]

@@ -47,6 +47,7 @@ from deployments.protocol import (
 )
 from deployments.text_output import SequenceText
 from deployments.transformers_engine import kv_cache
+from deployments.transformers_engine.grammars import Grammars, mask_disallowed
 from deployments.transformers_engine.loading import (
     load_model,
     load_tokenizer,
@@ -159,6 +160,8 @@ class _FrontendState:
 
     context_length: int
     defaults: SamplingDefaults
+    vocab_size: int  # the logits' width
+    eos_token_ids: frozenset[int]
 
 
 class _Admission:
@@ -170,26 +173,36 @@ class _Admission:
 
 
 class _Sequence:
-    """One returned sequence (a row of the running batch) and its progress."""
+    """One returned sequence (a row of the running batch) and its progress; ``grammar``
+    is the matcher of its output constraint, if it has one."""
 
-    def __init__(self, admission: _Admission, index: int, decode: Callable[[Sequence[int]], str]) -> None:
+    def __init__(
+        self, admission: _Admission, index: int, decode: Callable[[Sequence[int]], str], grammar=None
+    ) -> None:
         self.admission = admission
         self.index = index
         self.max_new_tokens = admission.request.max_new_tokens
         self.text = SequenceText(decode, admission.request.stop)
+        self.grammar = grammar
         self.generated = 0
         self.finished = False
 
     def advance(self, token_id: int, eos_token_ids: frozenset[int]) -> SequenceDelta:
-        """Takes the next token; returns its delta (text possibly empty)."""
+        """Takes the next token; returns its delta (text possibly empty). A constrained
+        sequence ends as at EOS once its text is complete (nothing but EOS may follow)."""
         self.generated += 1
         finish_reason: FinishReason | None = None
         if token_id in eos_token_ids:
             text, finish_reason = self.text.finish(), "eos"
         else:
             text = self.text.append(token_id)
+            if self.grammar is not None:
+                self.grammar.consume_token(token_id)
             if self.text.stopped:
                 finish_reason = "stop"
+            elif self.grammar is not None and self.grammar.is_stopped():
+                text += self.text.finish()
+                finish_reason = "eos"
             elif self.generated >= self.max_new_tokens:
                 text += self.text.finish()
                 finish_reason = "length"
@@ -305,6 +318,8 @@ class TransformersEngine(Engine):
         self._tokenizer = None
         self._defaults = SERVICE_DEFAULTS
         self._eos_token_ids: frozenset[int] = frozenset()
+        self._grammars: Grammars | None = None
+        self._vocab_size = 0
         self._context_length = _FALLBACK_CONTEXT_LENGTH
         self._dtype = resolve_dtype(config.dtype, device)
         self._arrivals: queue.SimpleQueue[_Admission | None] = queue.SimpleQueue()
@@ -338,6 +353,8 @@ class TransformersEngine(Engine):
         ]
         self._context_length = min(limits, default=_FALLBACK_CONTEXT_LENGTH)
         probe = self._probe()
+        self._vocab_size = probe.logits.shape[-1]
+        self._grammars = Grammars(self._tokenizer, self._vocab_size, self._eos_token_ids)
         self._joinable = kv_cache.can_join(probe[self._cache_argument])
         self._decoding = self._choose_decoding(probe)
         self._scheduler = threading.Thread(target=self._schedule_forever, name="textgen-scheduler", daemon=True)
@@ -349,12 +366,18 @@ class TransformersEngine(Engine):
         )
 
     def frontend_state(self) -> _FrontendState:
-        return _FrontendState(context_length=self._context_length, defaults=self._defaults)
+        return _FrontendState(
+            context_length=self._context_length,
+            defaults=self._defaults,
+            vocab_size=self._vocab_size,
+            eos_token_ids=self._eos_token_ids,
+        )
 
     def load_frontend(self, state: object) -> None:
         assert isinstance(state, _FrontendState), state
         self._tokenizer = load_tokenizer(self._model_location(), self.config.trust_remote_code)
         self._context_length, self._defaults = state.context_length, state.defaults
+        self._grammars = Grammars(self._tokenizer, state.vocab_size, state.eos_token_ids)
 
     def _model_location(self) -> ModelLocation:
         if self.config.source == EMBEDDED_SOURCE:
@@ -451,7 +474,10 @@ class TransformersEngine(Engine):
             )
         else:
             token_ids = self._tokenizer(params.prompt, add_special_tokens=True)["input_ids"]
-        return prepare_request(params, token_ids, self._context_length, self._defaults)
+        prepared = prepare_request(params, token_ids, self._context_length, self._defaults)
+        if prepared.constraint is not None:
+            self._grammars.check(prepared.constraint)
+        return prepared
 
     def _decode_tokens(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -618,7 +644,7 @@ class TransformersEngine(Engine):
             return None
         cache, admitted = prefill.cache, prefill.admitted
         sequences = [
-            _Sequence(admission, index, self._decode_tokens)
+            _Sequence(admission, index, self._decode_tokens, self._grammar_of(admission.request))
             for admission in admitted
             for index in range(admission.request.num_return_sequences)
         ]
@@ -635,6 +661,16 @@ class TransformersEngine(Engine):
             last_position=prefill.position_ids[fan_out, -1],
             logits=output.logits[:, -1, :].float()[fan_out],
         )
+
+    def _grammar_of(self, request: PreparedRequest):
+        return None if request.constraint is None else self._grammars.matcher(request.constraint)
+
+    def allowed_tokens(self, sequences: Sequence[_Sequence]) -> torch.Tensor | None:
+        """The rows' next-token bitmask (grammars.Grammars.bitmask), or None when no
+        row is constrained."""
+        if all(sequence.grammar is None for sequence in sequences):
+            return None
+        return self._grammars.bitmask([sequence.grammar for sequence in sequences])
 
     def _deliver(self, sequences: Sequence[_Sequence], token_ids: Sequence[int]) -> list[int]:
         """Hands each row's new token to its request; returns the rows still running.
@@ -666,7 +702,11 @@ class TransformersEngine(Engine):
         """Samples every row's next token, delivers it, drops the rows that ended or whose
         caller left, and runs the forward pass for the rest. Returns None when no row is
         left. Rows leave in one `keep` (each one copies the KV cache)."""
-        next_tokens = batch.sampler.sample(batch.logits)  # cancelled rows too: cheaper than a keep
+        logits = batch.logits
+        allowed = self.allowed_tokens(batch.sequences)
+        if allowed is not None:
+            logits = mask_disallowed(logits, allowed.to(logits.device))
+        next_tokens = batch.sampler.sample(logits)  # cancelled rows too: cheaper than a keep
         batch.sampler.observe(next_tokens)
         still_running = self._deliver(batch.sequences, next_tokens.tolist())
         if not still_running:
@@ -792,16 +832,28 @@ class _SlotDecoding(_Decoding):
             self.decoder.join(
                 prefilled.sequences, prefilled.sampling, prefilled.prompts,
                 prefilled.cache, prefilled.attention_mask, prefilled.logits,
+                allowed=self._engine.allowed_tokens(prefilled.sequences),
             )
         )
 
     @torch.inference_mode()
     def step(self) -> None:
+        # A constrained row's mask needs its last token, so while one runs the host does
+        # not work a step behind: every step in flight is handed over first.
+        constrained = any(sequence.grammar is not None for sequence in self.decoder.rows)
+        if constrained:
+            self._hand_over(keep=0)
         launched = bool(self.decoder.rows)
         if launched:
             metrics.record_batch_size(self._engine.config.name, len(self.decoder.rows))
-            self._in_flight.append(self.decoder.step())
-        while self._in_flight and (len(self._in_flight) > 1 or not launched):
+            allowed = self._engine.allowed_tokens(self.decoder.rows) if constrained else None
+            self._in_flight.append(self.decoder.step(allowed))
+        self._hand_over(keep=1 if launched else 0)
+
+    def _hand_over(self, keep: int) -> None:
+        """Hands over the tokens of the steps in flight but the last ``keep``, and frees
+        the slots of the rows that ended."""
+        while len(self._in_flight) > keep:
             tokens = self._in_flight.popleft()
             self._engine._deliver(tokens.rows, tokens.token_ids())
             self.decoder.remove([row for row, sequence in enumerate(self.decoder.rows) if sequence.finished])

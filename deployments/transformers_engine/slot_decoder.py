@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
+from deployments.transformers_engine.grammars import bitmask_words, mask_disallowed
 from deployments.transformers_engine.sampling import RowSampling, sample_rows
 
 logger = logging.getLogger("ray.serve")
@@ -183,6 +184,9 @@ class SlotDecoder:
         self._frequency = zeros(slots, dtype=torch.float32)
         # Times each row generated each token; int16 holds the most new tokens (4096).
         self._counts = zeros(slots, vocab_size, dtype=torch.int16)
+        # Each row's allowed next tokens (grammars.py), written by the host before a
+        # step that has a constrained row; -1 (every token) for the other rows.
+        self._allowed = zeros(slots, bitmask_words(vocab_size), dtype=torch.int32)
         self._chosen = zeros(slots)  # the tokens a step chose, read by `Tokens`
         self._host_tokens = [
             torch.zeros(slots, dtype=torch.long, pin_memory=device == "cuda") for _ in range(4)
@@ -192,7 +196,7 @@ class SlotDecoder:
         self.rows: list = []
         self._lengths: list[int] = []  # per row, its fed token's position + 1
         self._samples: list[bool] = []
-        self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int, bool, bool], torch.cuda.CUDAGraph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
 
     @property
@@ -221,6 +225,7 @@ class SlotDecoder:
         cache,
         attention_mask: torch.Tensor,
         logits: torch.Tensor,
+        allowed: torch.Tensor | None = None,
     ) -> Tokens:
         """Takes newly prefilled rows into free slots and chooses their first tokens.
 
@@ -232,6 +237,7 @@ class SlotDecoder:
                 last column).
             attention_mask: [rows, columns], 1 on each row's prompt tokens.
             logits: [rows, vocab] float32 scores of each row's first new token.
+            allowed: the rows' bitmask of allowed first tokens, if any is constrained.
         """
         first, count = len(self.rows), len(rows)
         assert count <= self.free_slots, (count, self.free_slots)
@@ -269,15 +275,20 @@ class SlotDecoder:
             r.temperature > 0 or r.repetition_penalty != 1.0 or r.presence_penalty != 0 or r.frequency_penalty != 0
             for r in sampling
         ]
-        self._choose(logits, joined, sampled=any(samples))
+        if allowed is not None:
+            self._allowed[joined] = allowed.to(device)
+        self._choose(logits, joined, sampled=any(samples), constrained=allowed is not None)
         self.rows += rows
         self._lengths += [length + 1 for length in lengths]
         self._samples += samples
         return Tokens(rows, self._chosen[joined], self._host_buffer())
 
-    def _choose(self, logits: torch.Tensor, rows: slice, sampled: bool) -> None:
-        """Samples the next token of ``rows`` from their ``logits`` and advances them:
-        the token becomes the rows' next input, one position and one draw further."""
+    def _choose(self, logits: torch.Tensor, rows: slice, sampled: bool, constrained: bool) -> None:
+        """Samples the next token of ``rows`` from their ``logits`` (masked by their
+        allowed tokens when ``constrained``) and advances them: the token becomes the
+        rows' next input, one position and one draw further."""
+        if constrained:
+            logits = mask_disallowed(logits, self._allowed[rows])
         chosen = sample_rows(
             logits,
             self._temperature[rows],
@@ -298,20 +309,26 @@ class SlotDecoder:
         self._seen[rows].scatter_(1, chosen[:, None], True)
         self._counts[rows].scatter_add_(1, chosen[:, None], torch.ones_like(chosen[:, None], dtype=self._counts.dtype))
 
-    def step(self) -> Tokens:
-        """Launches one decode step of every row (rows must be non-empty); returns its
-        tokens, still on their way to the host."""
+    def step(self, allowed: torch.Tensor | None = None) -> Tokens:
+        """Launches one decode step of every row (rows must be non-empty), restricted to
+        ``allowed`` (the rows' bitmask) if given; returns its tokens, still on their way
+        to the host."""
         count = len(self.rows)
         # A row that ended in the step before this one may be one past its slot.
         longest = min(max(self._lengths), self.slot_length)
         sampled = any(self._samples)
+        constrained = allowed is not None
+        if constrained:
+            self._allowed[:count] = allowed.to(self._allowed.device)
+            self._allowed[count:] = -1  # padding rows of a bucket: any token
         if not self.bucketed:
-            self._decode(count, longest, sampled)
+            self._decode(count, longest, sampled, constrained)
         else:
             key = (
                 _smallest_at_least(self._row_buckets, count),
                 _smallest_at_least(self._column_buckets, longest),
                 sampled,
+                constrained,
             )
             graph = self._graphs.get(key)
             if graph is None and self._use_graphs:
@@ -323,7 +340,7 @@ class SlotDecoder:
         self._lengths = [length + 1 for length in self._lengths]
         return Tokens(list(self.rows), self._chosen, self._host_buffer())
 
-    def _decode(self, rows: int, columns: int, sampled: bool) -> None:
+    def _decode(self, rows: int, columns: int, sampled: bool, constrained: bool) -> None:
         """One decode step of the first ``rows`` slots attending over ``columns`` columns."""
         positions = self._positions[:rows]
         cache = self._cache
@@ -341,9 +358,9 @@ class SlotDecoder:
             **{self._cache_argument: cache},
         )
         self._positions[:rows] += 1
-        self._choose(output.logits[:, -1, :].float(), slice(0, rows), sampled)
+        self._choose(output.logits[:, -1, :].float(), slice(0, rows), sampled, constrained)
 
-    def _capture(self, key: tuple[int, int, bool]) -> torch.cuda.CUDAGraph | None:
+    def _capture(self, key: tuple[int, int, bool, bool]) -> torch.cuda.CUDAGraph | None:
         """Captures the graph of a step shape on first use. The warm-up run before it
         changes the rows' state, so that state is saved and put back (the keys and
         values it writes are the ones the real step writes again). A shape that cannot
@@ -368,7 +385,7 @@ class SlotDecoder:
             restore()
             return None
         self._graphs[key] = graph
-        logger.info("captured decode graph for %d rows x %d columns (sampling: %s)", *key)
+        logger.info("captured decode graph for %d rows x %d columns (sampling: %s, constrained: %s)", *key)
         return graph
 
     def remove(self, leaving: Sequence[int]) -> None:

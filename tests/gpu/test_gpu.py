@@ -50,8 +50,16 @@ def test_engine_generates_on_the_gpu_in_bfloat16_with_cuda_graphs(tiny_model_dir
 def test_cuda_graphs_give_the_eager_and_the_dynamic_paths_tokens(tiny_model_dir):
     """float32, so that the three paths' different kernels (padded graph buckets, eager
     shapes, left-padded dynamic cache) cannot flip a greedy choice by rounding."""
+    from tests.unit.test_grammars import SCHEMAS, json_schema
     from tests.unit.test_slot_decoder import WORKLOAD, generate_all
 
+    # Greedy rows whose choices go through the in-graph masks and penalties.
+    steered = [
+        *(GenerationParams(prompt=f"JSON {name}", max_new_tokens=60, temperature=0, constraint=json_schema(name))
+          for name in SCHEMAS),
+        GenerationParams(prompt="Penalised", max_new_tokens=24, temperature=0, presence_penalty=-2.0,
+                         frequency_penalty=0.9),
+    ]
     sampled = [
         GenerationParams(prompt="Sampled", max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=seed)
         for seed in range(3)
@@ -68,12 +76,14 @@ def test_cuda_graphs_give_the_eager_and_the_dynamic_paths_tokens(tiny_model_dir)
         )
         engine.load()
         results[name] = generate_all(engine, WORKLOAD)
+        results[name + " steered"] = generate_all(engine, steered)
         if name != "dynamic":  # the dynamic path has its own sampler
             results[name + " sampled"] = generate_all(engine, sampled)
         if name == "graphs":
             assert engine._decoding.decoder.uses_graphs, "capture failed: see the log"
         engine.close()
     assert results["graphs"] == results["eager"] == results["dynamic"]
+    assert results["graphs steered"] == results["eager steered"] == results["dynamic steered"]
     assert results["graphs sampled"] == results["eager sampled"]
 
 

@@ -18,11 +18,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import openai
 import pytest
 import yaml
+from pydantic import BaseModel, Field
 
 from tests.integration.conftest import free_port, wait_for_status
 
@@ -172,6 +174,82 @@ def test_presence_and_frequency_penalties_reach_the_model_on_both_apis(served):
         timeout=60,
     )
     assert native.status_code == 200 and native.json()["text"] == penalized
+
+
+class Student(BaseModel):
+    name: str = Field(max_length=20)
+    age: int = Field(ge=5, le=99)
+
+
+class Enrolment(BaseModel):
+    """Nested object, array of an enum, bounded numbers, required fields."""
+
+    student: Student
+    courses: list[Literal["maths", "physics", "history", "art"]] = Field(min_length=1, max_length=3)
+    year: int = Field(ge=1, le=5)
+    full_time: bool
+
+
+class FlagColours(BaseModel):
+    colours: list[Literal["red", "green", "blue", "yellow", "white", "black"]] = Field(min_length=1, max_length=3)
+    count: int = Field(ge=1, le=3)
+
+
+def test_the_openai_client_parses_structured_outputs_sync_async_and_streamed(served):
+    """The embedded model, greedy, with the client's own strict schemas of pydantic models."""
+    url = served.url
+    enrol = [{"role": "user", "content": "Describe a university enrolment as JSON."}]
+    flag = [{"role": "user", "content": "Name the colours of the French flag as JSON."}]
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+        parsed = client.chat.completions.parse(
+            model=MODEL_NAME, messages=enrol, response_format=Enrolment, temperature=0, max_tokens=200
+        )
+        assert isinstance(parsed.choices[0].message.parsed, Enrolment), parsed.choices[0].message.content
+        with client.chat.completions.stream(
+            model=MODEL_NAME, messages=flag, response_format=FlagColours, temperature=0, max_tokens=100
+        ) as stream:
+            streamed = stream.get_final_completion()
+        assert isinstance(streamed.choices[0].message.parsed, FlagColours), streamed.choices[0].message.content
+
+    async def parse_async():
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+            return await client.chat.completions.parse(
+                model=MODEL_NAME, messages=flag, response_format=FlagColours, temperature=0, max_tokens=100
+            )
+
+    parsed_async = asyncio.run(parse_async())
+    assert parsed_async.choices[0].message.parsed == streamed.choices[0].message.parsed
+    assert parsed_async.usage.prompt_tokens_details.cached_tokens == 0, "said, not left out"
+
+
+def test_json_modes_on_completions_and_generate_and_a_schema_that_cannot_be_enforced(served):
+    url = served.url
+    schema = FlagColours.model_json_schema()
+    prompt = "<|im_start|>user\nName the colours of the French flag as JSON.<|im_end|>\n<|im_start|>assistant\n"
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+        completion = client.completions.create(
+            model=MODEL_NAME, prompt=prompt, max_tokens=100, temperature=0,
+            extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "flag", "schema": schema}}},
+        )
+        FlagColours.model_validate_json(completion.choices[0].text)
+        json_object = client.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "Is water wet? Answer in JSON."}],
+            response_format={"type": "json_object"}, temperature=0, max_tokens=60,
+        )
+        if json_object.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(json_object.choices[0].message.content), dict)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model=MODEL_NAME, messages=[{"role": "user", "content": "x"}],
+                response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": {"not": {}}}},
+            )
+    assert refused.value.body["param"] == "response_format" and "not" in refused.value.body["message"]
+    native = httpx.post(f"{url}/generate", json={"prompt": prompt, "max_new_tokens": 100, "temperature": 0,
+                                                 "json_schema": schema}, timeout=60).json()
+    assert FlagColours.model_validate_json(native["text"]) and native["finish_reason"] == "eos"
+    coded = httpx.post(f"{url}/generate", json={"prompt": "A product code:", "max_new_tokens": 20,
+                                                "regex": "[A-Z]{3}-[0-9]{4}"}, timeout=60).json()
+    assert re.fullmatch("[A-Z]{3}-[0-9]{4}", coded["text"]), coded
 
 
 def test_streamed_emoji_arrive_whole(served):
@@ -349,20 +427,22 @@ def test_every_console_example_in_the_readme_answers_as_shown(served, exact_text
             pytest.fail(f"no rule to compare what this README example prints: {example.command}")
 
 
-def test_the_readmes_openai_example_prints_what_it_shows(served, exact_text):
+def test_the_readmes_openai_examples_print_what_they_show(served, exact_text):
     blocks = readme_blocks()
-    [(index, script)] = [(i, body) for i, (language, body) in enumerate(blocks)
-                         if language == "python" and "OpenAI(" in body]
-    language, shown = blocks[index + 1]
-    assert language == "text", "the README shows what the OpenAI example prints, in a text block after it"
-    script = script.replace("http://127.0.0.1:8000/v1", f"{served.url}/v1")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    if exact_text:
-        assert result.stdout == shown
-    else:  # the answer's first word, and the usage line at the end
-        assert result.stdout.split()[:1] == shown.split()[:1], result.stdout
-        assert result.stdout.splitlines()[-1] == shown.splitlines()[-1], result.stdout
+    examples = [index for index, (language, body) in enumerate(blocks) if language == "python" and "OpenAI(" in body]
+    assert len(examples) >= 2, "the OpenAI quick example and the structured outputs one"
+    for index in examples:
+        script = blocks[index][1].replace("http://127.0.0.1:8000/v1", f"{served.url}/v1")
+        language, shown = blocks[index + 1]
+        assert language == "text", "the README shows what an OpenAI example prints, in a text block after it"
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        print(result.stdout)
+        if exact_text:
+            assert result.stdout == shown
+        else:  # the answer's first word, and the last line
+            assert result.stdout.split()[:1] == shown.split()[:1], result.stdout
+            assert result.stdout.splitlines()[-1] == shown.splitlines()[-1], result.stdout
 
 
 def serve_log_lines(served: Served) -> list[str]:
@@ -406,5 +486,10 @@ def test_client_errors_are_one_info_line_each_and_never_a_traceback(served):
     [stopped] = [line for line in lines if "textgen_Model" in line and "request_id=past-deadline " in line]
     assert stopped.startswith("INFO ") and "cancelled=True" in stopped
     assert int(re.search(r"completion_tokens=(\d+)", stopped).group(1)) > 0, "the tokens it generated until then"
-    faults = [line for line in lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
-    assert not faults, faults[:5]
+    # Every line about these requests (Serve's proxy and replicas put the request id on
+    # theirs) is INFO: no ERROR, so no traceback after one. (Lines about nothing in
+    # particular are not checked: on 2 busy cores Serve may warn of a slow health check.)
+    about_them = [line for line in lines if any(f" {request_id} " in line for request_id in sent)]
+    assert about_them and all(line.startswith("INFO ") for line in about_them), [
+        line for line in about_them if not line.startswith("INFO ")
+    ]

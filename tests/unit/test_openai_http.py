@@ -176,3 +176,28 @@ def test_a_chat_has_at_most_1024_messages(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="fake", messages=many[:1024], max_tokens=2)
     assert "context" in caught.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    "response_format, param, message",
+    [
+        ({"type": "xml"}, "response_format.type", "'text', 'json_object' or 'json_schema'"),
+        ({"type": "json_schema"}, "response_format", "exactly when its type is json_schema"),
+        ({"type": "text", "json_schema": {"name": "a", "schema": {}}}, "response_format", "exactly when"),
+        ({"type": "json_schema", "json_schema": {"name": "bad name", "schema": {}}}, "response_format.json_schema.name",
+         "should match pattern"),
+        ({"type": "json_schema", "json_schema": {"name": "big", "schema": {"enum": ["x" * 40_000]}}},
+         "response_format", "the limit is 32768"),
+    ],
+)
+def test_a_response_format_that_cannot_be_served_is_a_400_naming_it(client, response_format, param, message):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="fake", messages=[{"role": "user", "content": "x"}], response_format=response_format
+        )
+    assert caught.value.body["param"] == param and message in caught.value.body["message"]
+
+
+def test_usage_says_no_prompt_tokens_were_cached(client):
+    completion = client.completions.create(model="fake", prompt="a", max_tokens=2)
+    assert completion.usage.prompt_tokens_details.cached_tokens == 0

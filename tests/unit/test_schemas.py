@@ -1,5 +1,7 @@
 """Every validation rule of POST /generate's body, with its message."""
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -67,6 +69,10 @@ def test_every_field_converts():
         ({"temperature": "0.5"}, "temperature", "valid number"),
         ({"max_new_tokens": 8, "max_length": 20}, "max_length", "not both"),
         ({"unknown": 1}, "unknown", "Extra inputs are not permitted"),
+        ({"json_schema": "{}"}, "json_schema", "valid dictionary"),
+        ({"json_schema": {"enum": ["x" * 40_000]}}, "json_schema", "the limit is 32768"),
+        ({"json_schema": {}, "regex": "a"}, "regex", "not both"),
+        ({"regex": "a" * 1025}, "regex", "at most 1024 characters"),
     ],
 )
 def test_invalid_field_is_named_with_reason(body, field, message):
@@ -88,3 +94,13 @@ def test_max_length_alone_is_accepted():
 
 def test_integer_json_is_a_valid_float():
     assert GenerateRequest.model_validate({"prompt": "p", "temperature": 1}).temperature == 1.0
+
+
+def test_a_schema_or_an_expression_becomes_the_output_constraint():
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    constraint = GenerateRequest.model_validate({"prompt": "p", "json_schema": schema}).to_generation_params("r").constraint
+    assert (constraint.kind, constraint.param) == ("json_schema", "json_schema")
+    assert list(json.loads(constraint.source)["properties"]) == ["b", "a"], "key order is the output's order"
+    regex = GenerateRequest.model_validate({"prompt": "p", "regex": "[0-9]+"}).to_generation_params("r").constraint
+    assert (regex.kind, regex.source, regex.param) == ("regex", "[0-9]+", "regex")
+    assert GenerateRequest.model_validate({"prompt": "p"}).to_generation_params("r").constraint is None

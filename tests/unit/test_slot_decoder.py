@@ -13,6 +13,7 @@ from deployments.protocol import GenerationParams
 from deployments.transformers_engine import TransformersEngine
 from deployments.transformers_engine.sampling import counter_uniforms, sample_rows
 from deployments.transformers_engine.slot_decoder import SlotShape, column_buckets, row_buckets, tokens_per_slot
+from tests.unit.test_grammars import json_schema
 
 
 def generate_all(engine, params):
@@ -224,9 +225,15 @@ def test_steps_padded_to_their_buckets_give_the_same_tokens(tiny_model_dir):
         engine._decoding.decoder.bucketed = True
         sampled = [GenerationParams(prompt="Sampled", max_new_tokens=20, temperature=1.0, top_p=0.9, seed=s)
                    for s in range(2)]
-        padded = generate_all(engine, [*WORKLOAD, *sampled])
+        # Masked (the padding rows then allow every token) and penalised rows too.
+        steered = [
+            GenerationParams(prompt="JSON", max_new_tokens=60, temperature=1.0, seed=5, constraint=json_schema("flat")),
+            GenerationParams(prompt="Again", max_new_tokens=20, temperature=0, presence_penalty=-2.0,
+                             frequency_penalty=0.9),
+        ]
+        padded = generate_all(engine, [*WORKLOAD, *sampled, *steered])
         engine._decoding.decoder.bucketed = False
-        exact = generate_all(engine, [*WORKLOAD, *sampled])
+        exact = generate_all(engine, [*WORKLOAD, *sampled, *steered])
     finally:
         engine.close()
     assert padded == exact
