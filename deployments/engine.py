@@ -25,6 +25,7 @@ from deployments.protocol import (
     ModelStatus,
     OutputConstraint,
     SequenceDelta,
+    TokenizeParams,
 )
 
 
@@ -239,6 +240,22 @@ class Engine(abc.ABC):
 
         Raises:
             InvalidRequestError: the request cannot be served as asked.
+        """
+
+    @abc.abstractmethod
+    def tokenize(self, params: TokenizeParams) -> list[int]:
+        """The token ids of a prompt or conversation, as `prepare` would make them.
+
+        Raises:
+            InvalidRequestError: messages for a model without a chat template.
+        """
+
+    @abc.abstractmethod
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens``, special tokens included.
+
+        Raises:
+            InvalidRequestError: an id the tokenizer does not have.
         """
 
     @abc.abstractmethod

@@ -33,13 +33,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from multiprocessing.connection import Connection
 
 from deployments import metrics
 from deployments.config import ModelConfig
 from deployments.engine import END_OF_STEPS, Engine, PreparedRequest, import_engine_class, relay_steps
-from deployments.protocol import GenerationParams, ModelStatus, SequenceDelta
+from deployments.protocol import GenerationParams, ModelStatus, SequenceDelta, TokenizeParams
 
 logger = logging.getLogger("ray.serve")
 
@@ -191,6 +191,12 @@ class EngineProcess(Engine):
 
     def prepare(self, params: GenerationParams) -> PreparedRequest:
         return self._frontend.prepare(params)
+
+    def tokenize(self, params: TokenizeParams) -> list[int]:
+        return self._frontend.tokenize(params)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._frontend.detokenize(tokens)
 
     async def generate(self, request: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
         self._raise_if_exited()  # else nobody would ever answer this request

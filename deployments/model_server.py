@@ -12,7 +12,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from deployments import metrics
 from deployments.autoscaling import GenerationLoadReport
@@ -27,9 +28,13 @@ from deployments.protocol import (
     SequenceDelta,
     SequenceResult,
     StreamStart,
+    TokenizeParams,
+    TokenizeResult,
 )
 
 logger = logging.getLogger("ray.serve")
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 async def collect_result(
@@ -177,10 +182,28 @@ class ModelServer:
         A client's mistake is returned, not raised: raised, it would cross the handle as
         a failed call, which Serve logs as an ERROR with a traceback in this replica's
         log. It is one INFO line here, and a 422 at the ingress."""
+        return await self._off_the_loop(params.request_id, self._engine.prepare, params)
+
+    async def tokenize(self, params: TokenizeParams, request_id: str) -> TokenizeResult | InvalidRequestError:
+        """The prompt's or conversation's tokens, as a generation would see them, and the
+        model's context; a refusal (no chat template) comes back as a value."""
+        tokens = await self._off_the_loop(request_id, self._engine.tokenize, params)
+        if isinstance(tokens, InvalidRequestError):
+            return tokens
+        return TokenizeResult(tuple(tokens), self._engine.status().context_length)
+
+    async def detokenize(self, tokens: tuple[int, ...], request_id: str) -> str | InvalidRequestError:
+        """The text of ``tokens``; an id the model does not have comes back as a value."""
+        return await self._off_the_loop(request_id, self._engine.detokenize, tokens)
+
+    @staticmethod
+    async def _off_the_loop(request_id: str, work: Callable[[A], R], argument: A) -> R | InvalidRequestError:
+        """``work(argument)`` on a thread; its InvalidRequestError is returned and logged
+        in one INFO line (see `_prepare`)."""
         try:
-            return await asyncio.to_thread(self._engine.prepare, params)
+            return await asyncio.to_thread(work, argument)
         except InvalidRequestError as exc:
-            logger.info("request_id=%s refused: %s", params.request_id, exc.message)
+            logger.info("request_id=%s refused: %s", request_id, exc.message)
             return exc
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

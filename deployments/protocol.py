@@ -85,6 +85,23 @@ class GenerationParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenizeParams:
+    """Text to tokenize as the model would see it: ``prompt`` as is, or ``messages``
+    rendered by the model's chat template."""
+
+    prompt: str = ""
+    messages: tuple[ChatMessage, ...] = ()
+    add_special_tokens: bool = True  # the tokenizer's own (BOS) around a prompt
+    add_generation_prompt: bool = True  # the template's opening of the assistant's turn
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeResult:
+    tokens: tuple[int, ...]
+    context_length: int
+
+
+@dataclasses.dataclass(frozen=True)
 class SequenceDelta:
     """New output of one returned sequence since the previous step.
 

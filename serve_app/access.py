@@ -168,6 +168,8 @@ class AccessControl:
         """Counts the request against its client's quota and reserves its worst-case
         tokens (``request.state.tokens_needed``) against the client's token quotas; the
         reservation is settled once, by `settle_tokens`, whatever becomes of the request.
+        A request that generates nothing (``tokens_needed`` None) is counted, and token
+        quotas are left alone.
 
         Raises:
             ServiceError: 429 when a limit is spent or the tokens do not fit, 503 when the
@@ -199,7 +201,7 @@ class AccessControl:
                 )
             raise ServiceError(429, message, headers={"Retry-After": str(retry_after)})
         request.state.reservation = decision.reservation
-        request.state.settled = False
+        request.state.settled = tokens_needed is None  # generates nothing: nothing to settle
 
     def _hold_a_slot(self, request: Request, client: Client) -> None:
         """Counts the request among its client's requests in flight here (released by

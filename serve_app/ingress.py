@@ -27,6 +27,7 @@ from serve_app.args import AuthArgs, IngressArgs, RateLimitArgs
 from serve_app.errors import ModelNotFoundError, ServiceError, install_error_handlers
 from serve_app.guards import RequestGuardMiddleware, request_deadline_s
 from serve_app.openai_api import add_openai_routes
+from serve_app.tokenizer_api import add_tokenizer_routes
 from serve_app.request_context import RequestContextMiddleware
 from serve_app.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Usage
 
@@ -268,5 +269,6 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
         )
 
     add_openai_routes(app, ingress, access)
+    add_tokenizer_routes(app, ingress, access, ERROR_RESPONSES)
     return app
 

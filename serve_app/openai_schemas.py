@@ -231,6 +231,11 @@ class ChatMessageIn(BaseModel):
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
+    @property
+    def chat_role(self) -> str:
+        """The role as chat templates know it (OpenAI's `developer` is the older `system`)."""
+        return "system" if self.role == "developer" else self.role
+
 
 class ChatCompletionRequest(_SamplingRequest):
     """Body of POST /v1/chat/completions; the model's own chat template renders it."""
@@ -262,7 +267,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def to_generation_params(self, request_id: str) -> GenerationParams:
         """The handle payload; unset max tokens take the model's or service default."""
-        messages = tuple((message.role if message.role != "developer" else "system", message.text) for message in self.messages)
+        messages = tuple((message.chat_role, message.text) for message in self.messages)
         return self._params(request_id, self.max_completion_tokens or self.max_tokens, messages=messages)
 
 

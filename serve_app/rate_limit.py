@@ -121,7 +121,7 @@ class WindowCounter:
         }
         self._storage = storage
 
-    async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int = 0) -> Decision:
+    async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int | None = 0) -> Decision:
         """Counts a request and reserves ``tokens_needed`` against every token quota,
         or refuses it (nothing counted) when a limit is spent or the reservation does
         not fit. In the Ray actor nothing else runs between the checks and the counts
@@ -129,8 +129,8 @@ class WindowCounter:
         tokens; with Redis, replicas may race by one request."""
         requests = self._strategies[strategy]
         tokens = self._strategies["fixed-window"]
-        reserve = max(1, tokens_needed)
-        for text in quota.tokens:
+        reserve = max(1, tokens_needed or 0)
+        for text in quota.tokens if tokens_needed is not None else ():
             item = parse_limit(text)
             if not await tokens.test(item, "tokens", identity, cost=reserve):
                 return Decision(False, await self._state(tokens, item, "tokens", identity), refused_tokens=True)
@@ -139,7 +139,7 @@ class WindowCounter:
             if not await requests.hit(item, "requests", identity):
                 return Decision(False, await self._state(requests, item, "requests", identity))
         reservation = None
-        if quota.tokens and tokens_needed > 0:
+        if quota.tokens and tokens_needed:
             ends = []
             for text in quota.tokens:
                 item = parse_limit(text)
@@ -194,7 +194,7 @@ class _CountsHere:
 
     _counter: WindowCounter
 
-    async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int) -> Decision:
+    async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int | None) -> Decision:
         return await self._counter.admit(identity, quota, strategy, tokens_needed)
 
     async def peek(self, identity: str, quota: Quota, strategy: str) -> LimitState | None:
@@ -223,7 +223,7 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int) -> Decision: ...
+    async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int | None) -> Decision: ...
 
     @abc.abstractmethod
     async def peek(self, identity: str, quota: Quota, strategy: str) -> LimitState | None: ...
@@ -264,7 +264,7 @@ class RayActorBackend(Backend):
             ).remote()
         return self._actor
 
-    async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int) -> Decision:
+    async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int | None) -> Decision:
         return await self._store().admit.remote(identity, quota, strategy, tokens_needed)
 
     async def peek(self, identity: str, quota: Quota, strategy: str) -> LimitState | None:
@@ -357,7 +357,7 @@ class RateLimiter:
             logger.warning("rate-limit store (%s) did not answer at start: %r", self._backend.name, exc)
             return False
 
-    async def admit(self, identity: str, quota: Quota, tokens_needed: int = 0) -> Decision:
+    async def admit(self, identity: str, quota: Quota, tokens_needed: int | None = 0) -> Decision:
         """Counts a request against ``quota`` and reserves ``tokens_needed`` against its
         token quotas; refuses it when a limit is exhausted or the tokens do not fit.
 

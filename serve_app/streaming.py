@@ -113,6 +113,22 @@ async def generate(
     return results
 
 
+async def ask(request: Request, access: AccessControl, handle: DeploymentHandle, start_call: Callable[[], Any]) -> Any:
+    """A model call with one answer that generates nothing (tokenizing): admitted,
+    timed and retried as a generation, counted against request limits, never token
+    quotas. Returns its answer.
+
+    Raises:
+        InvalidRequestError: the model refused it.
+        ServiceError: 503 or 504, as for `generate`.
+    """
+    request.state.tokens_needed = None
+    _, answer = await _start(request, access, handle, start_call, lambda call: call)
+    if isinstance(answer, InvalidRequestError):
+        raise answer
+    return answer
+
+
 async def open_stream(
     request: Request, access: AccessControl, handle: DeploymentHandle, params: GenerationParams
 ) -> tuple[Any, StreamStart]:

@@ -16,7 +16,15 @@ from collections.abc import AsyncIterator, Sequence
 from deployments.config import ModelConfig
 from deployments.engine import Engine, PreparedRequest, prepare_request
 from deployments.model_server import collect_result
-from deployments.protocol import GenerationParams, InvalidRequestError, ModelStatus, SequenceDelta, StreamStart
+from deployments.protocol import (
+    GenerationParams,
+    InvalidRequestError,
+    ModelStatus,
+    SequenceDelta,
+    StreamStart,
+    TokenizeParams,
+    TokenizeResult,
+)
 from deployments.text_output import SequenceText
 
 FAKE_ENGINE = "tests.fakes:FakeEngine"
@@ -86,8 +94,19 @@ class FakeEngine(Engine):
 
     def prepare(self, params: GenerationParams) -> PreparedRequest:
         time.sleep(self._prepare_s)
+        return prepare_request(
+            params, self.tokenize(TokenizeParams(params.prompt, params.messages)), FAKE_CONTEXT_LENGTH
+        )
+
+    def tokenize(self, params: TokenizeParams) -> list[int]:
+        """A token per character (of the messages as "role: content" lines)."""
         text = "".join(f"{role}: {content}\n" for role, content in params.messages) or params.prompt
-        return prepare_request(params, [ord(c) for c in text], FAKE_CONTEXT_LENGTH)
+        return [ord(c) for c in text]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        if any(not 0 <= token < 0x110000 for token in tokens):
+            raise InvalidRequestError("tokens: not a character", param="tokens")
+        return "".join(chr(token) for token in tokens)
 
     async def generate(self, request: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
         async with contextlib.AsyncExitStack() as rows:
@@ -171,6 +190,18 @@ class FakeModelHandle:
 
     async def _status(self) -> ModelStatus:
         return self._engine.status()
+
+    async def _tokenize(self, params: TokenizeParams, request_id: str):
+        try:  # refusals come back as values, as from ModelServer
+            return TokenizeResult(tuple(self._engine.tokenize(params)), self._engine.status().context_length)
+        except InvalidRequestError as exc:
+            return exc
+
+    async def _detokenize(self, tokens: tuple[int, ...], request_id: str):
+        try:
+            return self._engine.detokenize(tokens)
+        except InvalidRequestError as exc:
+            return exc
 
     async def _generate(self, params: GenerationParams):
         try:  # a refusal comes back as a value, as from ModelServer

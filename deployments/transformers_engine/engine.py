@@ -44,6 +44,7 @@ from deployments.protocol import (
     InvalidRequestError,
     ModelStatus,
     SequenceDelta,
+    TokenizeParams,
 )
 from deployments.text_output import SequenceText
 from deployments.transformers_engine import kv_cache
@@ -458,22 +459,36 @@ class TransformersEngine(Engine):
             dtype=str(self._dtype).removeprefix("torch."),
         )
 
-    def prepare(self, params: GenerationParams) -> PreparedRequest:
-        if params.messages:
-            if not self._tokenizer.chat_template:
-                raise InvalidRequestError(
-                    f"model {self.config.name} has no chat template; send a plain prompt "
-                    "(/generate or /v1/completions) instead",
-                    param="messages",
-                )
-            token_ids = self._tokenizer.apply_chat_template(
-                [{"role": role, "content": content} for role, content in params.messages],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
+    def tokenize(self, params: TokenizeParams) -> list[int]:
+        if not params.messages:
+            return self._tokenizer(params.prompt, add_special_tokens=params.add_special_tokens)["input_ids"]
+        if not self._tokenizer.chat_template:
+            raise InvalidRequestError(
+                f"model {self.config.name} has no chat template; send a plain prompt "
+                "(/generate or /v1/completions) instead",
+                param="messages",
             )
-        else:
-            token_ids = self._tokenizer(params.prompt, add_special_tokens=True)["input_ids"]
+        rendered = self._tokenizer.apply_chat_template(
+            [{"role": role, "content": content} for role, content in params.messages],
+            add_generation_prompt=params.add_generation_prompt,
+            tokenize=False,
+        )
+        # A template writes its own special tokens; the tokenizer's (BOS) only when asked.
+        return self._tokenizer(rendered, add_special_tokens=params.add_special_tokens)["input_ids"]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        size = len(self._tokenizer)
+        unknown = [token for token in tokens if not 0 <= token < size]
+        if unknown:
+            raise InvalidRequestError(
+                f"tokens: {unknown[0]} is no token of {self.config.name} (ids are 0 to {size - 1})", param="tokens"
+            )
+        return self._tokenizer.decode(list(tokens), skip_special_tokens=False)
+
+    def prepare(self, params: GenerationParams) -> PreparedRequest:
+        token_ids = self.tokenize(
+            TokenizeParams(prompt=params.prompt, messages=params.messages, add_special_tokens=not params.messages)
+        )
         prepared = prepare_request(params, token_ids, self._context_length, self._defaults)
         if prepared.constraint is not None:
             self._grammars.check(prepared.constraint)

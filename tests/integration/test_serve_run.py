@@ -252,6 +252,18 @@ def test_json_modes_on_completions_and_generate_and_a_schema_that_cannot_be_enfo
     assert re.fullmatch("[A-Z]{3}-[0-9]{4}", coded["text"]), coded
 
 
+def test_tokenize_counts_what_a_chat_completion_is_charged(served):
+    url = served.url
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    tokenized = httpx.post(f"{url}/tokenize", json={"messages": messages}, timeout=30)
+    assert tokenized.status_code == 200, tokenized.text
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+        chat = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=1)
+    assert tokenized.json()["count"] == chat.usage.prompt_tokens
+    text = httpx.post(f"{url}/detokenize", json={"tokens": tokenized.json()["tokens"]}, timeout=30).json()["prompt"]
+    assert text.startswith("<|im_start|>") and "What is the capital of France?" in text
+
+
 def test_streamed_emoji_arrive_whole(served):
     url = served.url
     messages = [{"role": "user", "content": "Write three emojis about the sea."}]

@@ -363,3 +363,19 @@ def test_a_client_may_have_only_so_many_requests_in_flight():
     assert "2 requests in flight" in refused.json()["error"]["message"] and refused.headers["Retry-After"] == "1"
     assert after == 200, "slots are given back when requests end"
     assert access._in_flight == {}
+
+
+def test_tokenizing_counts_as_a_request_but_never_against_a_token_quota():
+    access = AccessControl(memory_limiter(), Quota(requests=("4/minute",), tokens=("30/minute",)))
+    with make_client(access) as client:
+        spent = client.post("/generate", json={"prompt": "abcde", "max_new_tokens": 5})
+        assert spent.status_code == 200  # reserves 26 of the 30 tokens, uses 10
+        client.portal.call(access.limiter.wait_for_settlements)
+        refused = client.post("/generate", json={"prompt": "abcde", "max_new_tokens": 9})
+        assert refused.status_code == 429 and "token quota" in refused.json()["error"]["message"]
+        long_text = "x" * 100  # more tokens than the quota has left: tokenizing costs none
+        counted = [client.post("/tokenize", json={"prompt": long_text}) for _ in range(4)]
+        # The request limit (4) counts them after the first /generate (a refusal counts nothing).
+        assert [r.status_code for r in counted] == [200, 200, 200, 429]
+        assert counted[0].json()["count"] == 100
+        assert "rate limit of 4 requests per minute" in counted[-1].json()["error"]["message"]

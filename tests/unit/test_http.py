@@ -377,3 +377,22 @@ def test_a_client_error_is_one_info_line_with_its_id_and_reason(client, caplog):
     client.post("/generate", json={"prompt": "abc", "max_new_tokens": 2}, headers={"X-Request-ID": "fine"})
     [record] = [r for r in caplog.records if "request_id=fine " in r.getMessage()]
     assert "error=" not in record.getMessage()
+
+
+def test_tokenize_and_detokenize_in_vllms_shapes(client):
+    prompt = client.post("/tokenize", json={"prompt": "abc"})
+    assert prompt.status_code == 200
+    assert prompt.json() == {"count": 3, "max_model_len": FAKE_CONTEXT_LENGTH, "tokens": [97, 98, 99]}
+    chat = client.post("/tokenize", json={"messages": [{"role": "developer", "content": "hi"}], "model": "other"})
+    assert chat.json()["tokens"] == [ord(c) for c in "system: hi\n"], "developer is the system role to a template"
+    back = client.post("/detokenize", json={"tokens": [104, 105]})
+    assert back.status_code == 200 and back.json() == {"prompt": "hi"}
+    for path, body, status, param in [
+        ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 422, "prompt"),
+        ("/tokenize", {}, 422, "prompt"),
+        ("/tokenize", {"prompt": "a", "model": "nope"}, 404, "model"),
+        ("/detokenize", {"tokens": [-1]}, 422, "tokens"),
+        ("/detokenize", {"tokens": ["a"]}, 422, "tokens.0"),
+    ]:
+        response = client.post(path, json=body)
+        assert response.status_code == status and response.json()["error"]["param"] == param, (body, response.text)

@@ -447,3 +447,19 @@ def test_an_engine_stuck_in_a_step_fails_its_health_check(tiny_model_dir):
     finally:
         release.set()
         engine.close()
+
+
+def test_tokenize_gives_what_a_generation_sees_and_detokenize_inverts_it(engine):
+    from deployments.protocol import TokenizeParams
+
+    prompt_ids = engine.tokenize(TokenizeParams(prompt="Once upon a time"))
+    assert prompt_ids == list(engine.prepare(greedy("Once upon a time", max_new_tokens=1)).prompt_token_ids)
+    assert engine.detokenize(prompt_ids).endswith("Once upon a time")
+    if engine._tokenizer.chat_template:
+        messages = (("user", "Hi"),)
+        chat = GenerationParams(messages=messages, max_new_tokens=1)
+        rendered = engine.tokenize(TokenizeParams(messages=messages, add_special_tokens=False))
+        assert rendered == list(engine.prepare(chat).prompt_token_ids)
+    with pytest.raises(InvalidRequestError) as caught:
+        engine.detokenize([len(engine._tokenizer)])
+    assert caught.value.param == "tokens"
