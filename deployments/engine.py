@@ -69,6 +69,7 @@ class PreparedRequest:
     seed: int | None
     num_return_sequences: int
     constraint: OutputConstraint | None
+    logprobs: int | None
     # Set when nobody waits for the result any more (the client left, the caller timed
     # out, a quota refused it): the engine drops the request's rows at its next step.
     cancelled: threading.Event = dataclasses.field(
@@ -141,6 +142,7 @@ def prepare_request(
         seed=params.seed,
         num_return_sequences=params.num_return_sequences,
         constraint=params.constraint,
+        logprobs=params.logprobs,
     )
 
 
@@ -155,13 +157,14 @@ def sequence_seed(seed: int, index: int) -> int:
 
 
 def merge_steps(earlier: list[SequenceDelta], later: list[SequenceDelta]) -> list[SequenceDelta]:
-    """One delta per sequence for two consecutive steps: texts joined, the later count
-    and finish reason."""
+    """One delta per sequence for two consecutive steps: texts and log probabilities
+    joined, the later count and finish reason."""
     merged = {delta.index: delta for delta in earlier}
     for delta in later:
         before = merged.get(delta.index)
         text = before.text + delta.text if before else delta.text
-        merged[delta.index] = SequenceDelta(delta.index, text, delta.completion_tokens, delta.finish_reason)
+        logprobs = before.logprobs + delta.logprobs if before else delta.logprobs
+        merged[delta.index] = SequenceDelta(delta.index, text, delta.completion_tokens, delta.finish_reason, logprobs)
     return list(merged.values())
 
 

@@ -42,10 +42,12 @@ async def collect_result(
 ) -> GenerationResult:
     """Joins a request's streamed deltas into its finished result."""
     texts = [""] * prepared.num_return_sequences
+    logprobs: list[tuple] = [()] * prepared.num_return_sequences
     finals: dict[int, SequenceDelta] = {}
     async for deltas in steps:
         for delta in deltas:
             texts[delta.index] += delta.text
+            logprobs[delta.index] += delta.logprobs
             if delta.finish_reason is not None:
                 finals[delta.index] = delta
     sequences = tuple(
@@ -54,6 +56,7 @@ async def collect_result(
             text=texts[index],
             finish_reason=finals[index].finish_reason,
             completion_tokens=finals[index].completion_tokens,
+            logprobs=logprobs[index],
         )
         for index in range(prepared.num_return_sequences)
     )
@@ -217,8 +220,8 @@ class ModelServer:
 
     async def _serve(self, prepared: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
         """The request's steps from the engine: the one place that keeps a request's
-        books (its load, metrics and log line). Deltas with no text (and no finish)
-        count their tokens but are not passed on. Closing it early (the caller left, or
+        books (its load, metrics and log line). Deltas with no text (and no finish, no
+        log probabilities) count their tokens but are not passed on. Closing it early (the caller left, or
         gave up) cancels the generation in the engine."""
         model = self._config.name
         timings = prepared.timings
@@ -234,7 +237,7 @@ class ModelServer:
                     new_tokens = owed.observe(deltas)
                     if new_tokens:
                         metrics.record_completion_tokens(model, new_tokens)
-                    visible = [delta for delta in deltas if delta.text or delta.finish_reason]
+                    visible = [delta for delta in deltas if delta.text or delta.finish_reason or delta.logprobs]
                     if visible:
                         yield visible
             finally:

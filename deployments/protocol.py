@@ -23,6 +23,9 @@ DEFAULT_MAX_NEW_TOKENS = 64
 SPECIAL_TOKENS_ALLOWANCE = 16
 
 
+# Most alternatives a request may ask to see beside each chosen token.
+MAX_TOP_LOGPROBS = 20
+
 # One chat turn: (role, content).
 ChatMessage = tuple[str, str]
 
@@ -65,6 +68,8 @@ class GenerationParams:
     seed: int | None = None
     num_return_sequences: int = 1
     constraint: OutputConstraint | None = None
+    # None: no log probabilities; k: each token's, with the k likeliest tokens' (0..20).
+    logprobs: int | None = None
 
     def new_tokens_bound(self) -> int:
         """Most new tokens each sequence can generate (the model's default counts as
@@ -102,17 +107,38 @@ class TokenizeResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenChoice:
+    """A token and its log probability under the model (log-softmax of its raw scores,
+    before penalties, temperature, top-k/top-p and structured-output masks)."""
+
+    token_id: int
+    token: str  # its text alone (a piece of a character decodes to U+FFFD)
+    logprob: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token, and the likeliest tokens at its position (as many as asked)."""
+
+    chosen: TokenChoice
+    top: tuple[TokenChoice, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class SequenceDelta:
     """New output of one returned sequence since the previous step.
 
     ``finish_reason`` is set on the sequence's last delta; ``completion_tokens`` is the
-    running count of tokens generated for this sequence.
+    running count of tokens generated for this sequence; ``logprobs`` has an entry per
+    token generated since the previous delta when the request asked for them (an EOS
+    token has none: it adds no text).
     """
 
     index: int
     text: str
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +149,7 @@ class SequenceResult:
     text: str
     finish_reason: FinishReason
     completion_tokens: int
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ from serve_app.guards import RequestGuardMiddleware, request_deadline_s
 from serve_app.openai_api import add_openai_routes
 from serve_app.tokenizer_api import add_tokenizer_routes
 from serve_app.request_context import RequestContextMiddleware
-from serve_app.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Usage
+from serve_app.schemas import ErrorResponse, GeneratedTokenLogprob, GenerateRequest, GenerateResponse, Usage
 
 logger = logging.getLogger("ray.serve")
 
@@ -240,6 +240,7 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
             200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true."},
         },
         summary="Generate text from a prompt.",
+        response_model_exclude_none=True,  # `logprobs` only when asked for
     )
     async def generate(body: GenerateRequest, request: Request):
         handle = ingress.begin(request, body.model, len(body.prompt), "prompt")
@@ -251,6 +252,8 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
 
             def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
                 event = {"id": response_id, "model": start.model, "index": delta.index, "text": delta.text}
+                if body.logprobs is not None:
+                    event["logprobs"] = [GeneratedTokenLogprob.of(scored).model_dump() for scored in delta.logprobs]
                 if delta.finish_reason is not None:
                     event["finish_reason"] = delta.finish_reason
                 if usage is not None:
@@ -265,7 +268,7 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
             )
         [result] = await streaming.generate(request, access, handle, params)
         return GenerateResponse.from_result(
-            request.state.request_id, result, (time.perf_counter() - started) * 1000
+            request.state.request_id, result, (time.perf_counter() - started) * 1000, logprobs=body.logprobs is not None
         )
 
     add_openai_routes(app, ingress, access)

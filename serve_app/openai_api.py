@@ -20,8 +20,10 @@ from serve_app.openai_schemas import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatMessageOut,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -86,14 +88,19 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             prompt = body.prompts[0]
             params = body.to_generation_params(request_id, prompt)
             stream, start = await streaming.open_stream(request, access, handle, params)
+            token_offsets = [0] * body.n  # where each choice's next token starts
 
-            def chunk(index: int, text: str, finish_reason: str | None) -> dict:
-                choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            def chunk(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+                choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
                 return _chunk(response_id, "text_completion", start.model, choice, body.include_usage)
 
             def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
                 reason = openai_finish_reason(delta.finish_reason) if delta.finish_reason else None
-                return [chunk(delta.index, delta.text, reason)]
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = CompletionLogprobs.of(delta.logprobs, token_offsets[delta.index]).model_dump()
+                    token_offsets[delta.index] += sum(len(entry.chosen.token) for entry in delta.logprobs)
+                return [chunk(delta.index, delta.text, reason, logprobs)]
 
             return streaming.event_stream_response(
                 streaming.relay(
@@ -111,6 +118,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             CompletionChoice(
                 index=position * body.n + sequence.index,
                 text=(prompt if body.echo else "") + sequence.text,
+                logprobs=CompletionLogprobs.of(sequence.logprobs) if body.logprobs is not None else None,
                 finish_reason=openai_finish_reason(sequence.finish_reason),
             )
             for position, (prompt, result) in enumerate(zip(body.prompts, results, strict=True))
@@ -131,12 +139,13 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
         if body.stream:
             stream, start = await streaming.open_stream(request, access, handle, params)
 
-            def chunk(index: int, delta: dict, finish_reason: str | None) -> dict:
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            def chunk(index: int, delta: dict, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
                 return _chunk(response_id, "chat.completion.chunk", start.model, choice, body.include_usage)
 
             def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
-                events = [chunk(delta.index, {"content": delta.text}, None)] if delta.text else []
+                logprobs = ChatLogprobs.of(delta.logprobs).model_dump() if body.logprobs and delta.logprobs else None
+                events = [chunk(delta.index, {"content": delta.text}, None, logprobs)] if delta.text or logprobs else []
                 if delta.finish_reason:
                     events.append(chunk(delta.index, {}, openai_finish_reason(delta.finish_reason)))
                 return events
@@ -157,6 +166,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
                 ChatChoice(
                     index=sequence.index,
                     message=ChatMessageOut(content=sequence.text),
+                    logprobs=ChatLogprobs.of(sequence.logprobs) if body.logprobs else None,
                     finish_reason=openai_finish_reason(sequence.finish_reason),
                 )
                 for sequence in result.sequences

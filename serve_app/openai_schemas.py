@@ -1,9 +1,9 @@
 """OpenAI-compatible request and response bodies (/v1/completions, /v1/chat/completions,
 /v1/models), with OpenAI's field names and defaults.
 
-Parameters OpenAI clients send with neutral values (`logprobs` off, `best_of` equal to
-`n`) are accepted; asking for what this service does not do (log probabilities, tools,
-logit bias) is a 400 that names the parameter, never a silent ignore.
+Parameters OpenAI clients send with neutral values (`best_of` equal to `n`) are
+accepted; asking for what this service does not do (tools, logit bias, prompt log
+probabilities) is a 400 that names the parameter, never a silent ignore.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from deployments.protocol import MAX_REQUEST_NEW_TOKENS, FinishReason, GenerationParams, OutputConstraint
+from deployments.protocol import (
+    MAX_REQUEST_NEW_TOKENS,
+    FinishReason,
+    GenerationParams,
+    OutputConstraint,
+    TokenChoice,
+    TokenLogprobs,
+)
 from serve_app.schemas import (
     MAX_NEW_TOKENS_LIMIT,
     OpenAIPenalty,
@@ -21,6 +28,7 @@ from serve_app.schemas import (
     Seed,
     Temperature,
     TopK,
+    TopLogprobs,
     TopP,
     Usage,
     schema_constraint,
@@ -177,7 +185,10 @@ class CompletionRequest(_SamplingRequest):
         default=16, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Most tokens per choice (OpenAI's default, 16)."
     )
     echo: bool = Field(default=False, description="Return the prompt before the completion.")
-    logprobs: int | None = Field(default=None, description="Not supported.")
+    logprobs: TopLogprobs | None = Field(
+        default=None,
+        description="Log probabilities of each token and of the N likeliest (0..20); the model's, before sampling.",
+    )
     best_of: int | None = Field(default=None, description="Only equal to n.")
     suffix: str | None = Field(default=None, description="Not supported.")
 
@@ -188,8 +199,10 @@ class CompletionRequest(_SamplingRequest):
             raise UnsupportedParameterError("prompt", "prompt must be 1 to 4 non-empty strings")
         if self.stream and len(prompts) > 1:
             raise UnsupportedParameterError("prompt", "a stream takes one prompt")
-        if self.logprobs is not None:
-            raise UnsupportedParameterError("logprobs", "logprobs is not supported")
+        if self.logprobs is not None and self.echo:
+            raise UnsupportedParameterError(
+                "echo", "echo with logprobs is not supported: the prompt's log probabilities are not computed"
+            )
         if self.best_of is not None and self.best_of != self.n:
             raise UnsupportedParameterError("best_of", "best_of is supported only equal to n")
         if self.suffix:
@@ -210,7 +223,7 @@ class CompletionRequest(_SamplingRequest):
 
     def to_generation_params(self, request_id: str, prompt: str) -> GenerationParams:
         """The handle payload for one of the prompts (see GenerationParams for defaults)."""
-        return self._params(request_id, self.max_tokens, prompt=prompt)
+        return self._params(request_id, self.max_tokens, prompt=prompt, logprobs=self.logprobs)
 
 
 class TextPart(BaseModel):
@@ -247,16 +260,18 @@ class ChatCompletionRequest(_SamplingRequest):
     )
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Older name of max_completion_tokens.")
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
-    logprobs: bool = Field(default=False, description="Only false is supported.")
-    top_logprobs: int | None = Field(default=None, description="Not supported.")
+    logprobs: bool = Field(default=False, description="Log probabilities of each content token (the model's).")
+    top_logprobs: TopLogprobs | None = Field(
+        default=None, description="With logprobs: the N likeliest tokens at each position too (0..20)."
+    )
     tools: list[dict] | None = Field(default=None, description="Not supported.")
     tool_choice: Any = Field(default=None, description="Only none.")
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _chat_only_supported(self) -> "ChatCompletionRequest":
-        if self.logprobs or self.top_logprobs is not None:
-            raise UnsupportedParameterError("logprobs", "logprobs is not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise UnsupportedParameterError("top_logprobs", "top_logprobs needs logprobs: true")
         if self.tools:
             raise UnsupportedParameterError("tools", "tools are not supported")
         if self.tool_choice not in (None, "none"):
@@ -268,7 +283,8 @@ class ChatCompletionRequest(_SamplingRequest):
     def to_generation_params(self, request_id: str) -> GenerationParams:
         """The handle payload; unset max tokens take the model's or service default."""
         messages = tuple((message.chat_role, message.text) for message in self.messages)
-        return self._params(request_id, self.max_completion_tokens or self.max_tokens, messages=messages)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._params(request_id, self.max_completion_tokens or self.max_tokens, messages=messages, logprobs=logprobs)
 
 
 class PromptTokensDetails(BaseModel):
@@ -287,10 +303,33 @@ class OpenAIUsage(Usage):
         return cls(**usage.model_dump())
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
+
+    @classmethod
+    def of(cls, scored: tuple[TokenLogprobs, ...], offset: int = 0) -> "CompletionLogprobs":
+        """``offset``: where the first token starts (text already sent, on a stream)."""
+        offsets = []
+        for entry in scored:
+            offsets.append(offset)
+            offset += len(entry.chosen.token)
+        return cls(
+            tokens=[entry.chosen.token for entry in scored],
+            token_logprobs=[entry.chosen.logprob for entry in scored],
+            top_logprobs=[{choice.token: choice.logprob for choice in entry.top} for entry in scored],
+            text_offset=offsets,
+        )
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: OpenAIFinishReason | None
 
 
@@ -308,10 +347,37 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="The token's text as UTF-8 (a piece of a character is U+FFFD's bytes).")
+
+    @classmethod
+    def of(cls, choice: TokenChoice) -> "ChatTokenLogprob":
+        return cls(token=choice.token, logprob=choice.logprob, bytes=list(choice.token.encode()))
+
+
+class ChatContentLogprob(ChatTokenLogprob):
+    top_logprobs: list[ChatTokenLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatContentLogprob]
+    refusal: None = None
+
+    @classmethod
+    def of(cls, scored: tuple[TokenLogprobs, ...]) -> "ChatLogprobs":
+        return cls(content=[
+            ChatContentLogprob(**ChatTokenLogprob.of(entry.chosen).model_dump(),
+                               top_logprobs=[ChatTokenLogprob.of(choice) for choice in entry.top])
+            for entry in scored
+        ])
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: OpenAIFinishReason
 
 

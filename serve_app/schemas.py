@@ -7,7 +7,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
-from deployments.protocol import MAX_NEW_TOKENS, GenerationParams, GenerationResult, OutputConstraint
+from deployments.protocol import (
+    MAX_NEW_TOKENS,
+    MAX_TOP_LOGPROBS,
+    GenerationParams,
+    GenerationResult,
+    OutputConstraint,
+    TokenLogprobs,
+)
 
 MAX_NEW_TOKENS_LIMIT = MAX_NEW_TOKENS
 MAX_SEED = 2**63 - 1
@@ -21,6 +28,7 @@ RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
 # sequence has generated (once, or once per time).
 OpenAIPenalty = Annotated[float, Field(ge=-2, le=2)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 # Structured outputs: the largest JSON schema (as JSON text) and regular expression a
 # request may send; each is compiled into a grammar in the model replica.
 MAX_SCHEMA_CHARS = 32_768
@@ -99,6 +107,15 @@ class GenerateRequest(BaseModel):
         description="The whole text matches this regular expression (Rust regex syntax); never with json_schema.",
     )
 
+    logprobs: TopLogprobs | None = Field(
+        default=None,
+        description=(
+            "Return each generated token's log probability and those of the N likeliest tokens at "
+            "its position (0..20): the model's log-softmax, before penalties, temperature, top-k/top-p "
+            "and structured-output masks."
+        ),
+    )
+
     @field_validator("json_schema")
     @classmethod
     def _schema_fits(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -138,6 +155,7 @@ class GenerateRequest(BaseModel):
             seed=self.seed,
             num_return_sequences=self.num_return_sequences,
             constraint=self._constraint(),
+            logprobs=self.logprobs,
         )
 
     def _constraint(self) -> OutputConstraint | None:
@@ -157,10 +175,30 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TokenLogprob(BaseModel):
+    token: str
+    token_id: int
+    logprob: float
+
+
+class GeneratedTokenLogprob(TokenLogprob):
+    top_logprobs: list[TokenLogprob] = Field(description="The likeliest tokens at this position, best first.")
+
+    @classmethod
+    def of(cls, scored: TokenLogprobs) -> "GeneratedTokenLogprob":
+        def plain(choice) -> dict:
+            return {"token": choice.token, "token_id": choice.token_id, "logprob": choice.logprob}
+
+        return cls(**plain(scored.chosen), top_logprobs=[plain(choice) for choice in scored.top])
+
+
 class Generation(BaseModel):
     text: str
     finish_reason: FinishReason
     completion_tokens: int
+    logprobs: list[GeneratedTokenLogprob] | None = Field(
+        default=None, description="Only when the request asked for logprobs: one entry per generated token."
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -176,9 +214,14 @@ class GenerateResponse(BaseModel):
     latency_ms: float
 
     @classmethod
-    def from_result(cls, response_id: str, result: GenerationResult, latency_ms: float) -> "GenerateResponse":
+    def from_result(
+        cls, response_id: str, result: GenerationResult, latency_ms: float, logprobs: bool = False
+    ) -> "GenerateResponse":
         generations = [
-            Generation(text=s.text, finish_reason=s.finish_reason, completion_tokens=s.completion_tokens)
+            Generation(
+                text=s.text, finish_reason=s.finish_reason, completion_tokens=s.completion_tokens,
+                logprobs=[GeneratedTokenLogprob.of(scored) for scored in s.logprobs] if logprobs else None,
+            )
             for s in result.sequences
         ]
         return cls(

@@ -42,9 +42,12 @@ from deployments.protocol import (
     FinishReason,
     GenerationParams,
     InvalidRequestError,
+    MAX_TOP_LOGPROBS,
     ModelStatus,
     SequenceDelta,
+    TokenChoice,
     TokenizeParams,
+    TokenLogprobs,
 )
 from deployments.text_output import SequenceText
 from deployments.transformers_engine import kv_cache
@@ -55,7 +58,7 @@ from deployments.transformers_engine.loading import (
     prepare_embedded_model,
     resolve_dtype,
 )
-from deployments.transformers_engine.sampling import BatchSampler, RowSampling
+from deployments.transformers_engine.sampling import BatchSampler, RowSampling, RowScores, score_rows
 from deployments.transformers_engine.slot_decoder import SlotDecoder, SlotShape, Tokens, tokens_per_slot
 
 logger = logging.getLogger("ray.serve")
@@ -185,12 +188,16 @@ class _Sequence:
         self.max_new_tokens = admission.request.max_new_tokens
         self.text = SequenceText(decode, admission.request.stop)
         self.grammar = grammar
+        self.logprobs = admission.request.logprobs  # None, or how many alternatives to show
         self.generated = 0
         self.finished = False
 
-    def advance(self, token_id: int, eos_token_ids: frozenset[int]) -> SequenceDelta:
-        """Takes the next token; returns its delta (text possibly empty). A constrained
-        sequence ends as at EOS once its text is complete (nothing but EOS may follow)."""
+    def advance(
+        self, token_id: int, eos_token_ids: frozenset[int], logprobs: TokenLogprobs | None = None
+    ) -> SequenceDelta:
+        """Takes the next token (and its log probabilities, if asked for); returns its
+        delta (text possibly empty). A constrained sequence ends as at EOS once its text
+        is complete (nothing but EOS may follow)."""
         self.generated += 1
         finish_reason: FinishReason | None = None
         if token_id in eos_token_ids:
@@ -208,7 +215,8 @@ class _Sequence:
                 text += self.text.finish()
                 finish_reason = "length"
         self.finished = finish_reason is not None
-        return SequenceDelta(self.index, text, self.generated, finish_reason)
+        scored = (logprobs,) if logprobs is not None and token_id not in eos_token_ids else ()
+        return SequenceDelta(self.index, text, self.generated, finish_reason, scored)
 
 
 @dataclasses.dataclass
@@ -321,6 +329,7 @@ class TransformersEngine(Engine):
         self._eos_token_ids: frozenset[int] = frozenset()
         self._grammars: Grammars | None = None
         self._vocab_size = 0
+        self._token_texts: dict[int, str] = {}  # each token's text alone (log probabilities)
         self._context_length = _FALLBACK_CONTEXT_LENGTH
         self._dtype = resolve_dtype(config.dtype, device)
         self._arrivals: queue.SimpleQueue[_Admission | None] = queue.SimpleQueue()
@@ -687,8 +696,31 @@ class TransformersEngine(Engine):
             return None
         return self._grammars.bitmask([sequence.grammar for sequence in sequences])
 
-    def _deliver(self, sequences: Sequence[_Sequence], token_ids: Sequence[int]) -> list[int]:
-        """Hands each row's new token to its request; returns the rows still running.
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _logprobs(self, sequence: _Sequence, row: int, token_id: int, scores: RowScores | None) -> TokenLogprobs | None:
+        if sequence.logprobs is None or scores is None:
+            return None
+        top = zip(scores.top_ids[row][: sequence.logprobs], scores.top[row][: sequence.logprobs], strict=True)
+        return TokenLogprobs(
+            TokenChoice(token_id, self._token_text(token_id), scores.chosen[row]),
+            tuple(TokenChoice(other, self._token_text(other), logprob) for other, logprob in top),
+        )
+
+    @staticmethod
+    def wants_scores(sequences: Sequence[_Sequence]) -> bool:
+        """Whether a row asked for log probabilities."""
+        return any(sequence.logprobs is not None for sequence in sequences)
+
+    def _deliver(
+        self, sequences: Sequence[_Sequence], token_ids: Sequence[int], scores: RowScores | None = None
+    ) -> list[int]:
+        """Hands each row's new token (and its log probabilities, when its request asked
+        and ``scores`` has them) to its request; returns the rows still running.
         Rows already finished (a slot step decoded them once more before the host saw
         them end) are skipped; rows whose caller left end, their request told once."""
         per_request: dict[int, tuple[_Admission, list[SequenceDelta]]] = {}
@@ -702,7 +734,7 @@ class TransformersEngine(Engine):
                 sequence.finished = True
                 dropped[id(admission)] = admission
                 continue
-            delta = sequence.advance(token_id, self._eos_token_ids)
+            delta = sequence.advance(token_id, self._eos_token_ids, self._logprobs(sequence, row, token_id, scores))
             per_request.setdefault(id(admission), (admission, []))[1].append(delta)
             if not sequence.finished:
                 still_running.append(row)
@@ -723,7 +755,11 @@ class TransformersEngine(Engine):
             logits = mask_disallowed(logits, allowed.to(logits.device))
         next_tokens = batch.sampler.sample(logits)  # cancelled rows too: cheaper than a keep
         batch.sampler.observe(next_tokens)
-        still_running = self._deliver(batch.sequences, next_tokens.tolist())
+        scores = None
+        if self.wants_scores(batch.sequences):
+            chosen, top, top_ids = score_rows(batch.logits, next_tokens, MAX_TOP_LOGPROBS)
+            scores = RowScores(chosen.tolist(), top_ids.tolist(), top.tolist())
+        still_running = self._deliver(batch.sequences, next_tokens.tolist(), scores)
         if not still_running:
             return None
         batch.keep(still_running)
@@ -848,6 +884,7 @@ class _SlotDecoding(_Decoding):
                 prefilled.sequences, prefilled.sampling, prefilled.prompts,
                 prefilled.cache, prefilled.attention_mask, prefilled.logits,
                 allowed=self._engine.allowed_tokens(prefilled.sequences),
+                scored=self._engine.wants_scores(prefilled.sequences),
             )
         )
 
@@ -862,7 +899,7 @@ class _SlotDecoding(_Decoding):
         if launched:
             metrics.record_batch_size(self._engine.config.name, len(self.decoder.rows))
             allowed = self._engine.allowed_tokens(self.decoder.rows) if constrained else None
-            self._in_flight.append(self.decoder.step(allowed))
+            self._in_flight.append(self.decoder.step(allowed, scored=self._engine.wants_scores(self.decoder.rows)))
         self._hand_over(keep=1 if launched else 0)
 
     def _hand_over(self, keep: int) -> None:
@@ -870,7 +907,7 @@ class _SlotDecoding(_Decoding):
         the slots of the rows that ended."""
         while len(self._in_flight) > keep:
             tokens = self._in_flight.popleft()
-            self._engine._deliver(tokens.rows, tokens.token_ids())
+            self._engine._deliver(tokens.rows, tokens.token_ids(), tokens.scores)
             self.decoder.remove([row for row, sequence in enumerate(self.decoder.rows) if sequence.finished])
 
     def sequences(self) -> list[_Sequence]:

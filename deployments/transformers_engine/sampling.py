@@ -300,3 +300,22 @@ def sample_rows(
     outside = (mass_before > top_p[:, None]) & (top_p < 1.0)[:, None]
     drawn = _invert(probabilities.masked_fill(outside, 0.0), ordered_ids, counter_uniforms(seeds, counters))
     return torch.where(temperature > 0, drawn, greedy)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowScores:
+    """What `score_rows` found, on the host: per row, the chosen token's log
+    probability, and the likeliest tokens' ids and log probabilities, best first."""
+
+    chosen: list[float]
+    top_ids: list[list[int]]
+    top: list[list[float]]
+
+
+def score_rows(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log probabilities of the model's raw ``logits`` [rows, vocab] (before any
+    penalty, temperature, truncation or mask): the ``chosen`` tokens', and the ``top``
+    likeliest tokens' values and ids. Tensor operations only (it runs in CUDA graphs)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    best = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+    return logprobs.gather(1, chosen[:, None])[:, 0], best.values, best.indices

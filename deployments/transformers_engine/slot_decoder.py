@@ -35,7 +35,8 @@ from collections.abc import Sequence
 import torch
 
 from deployments.transformers_engine.grammars import bitmask_words, mask_disallowed
-from deployments.transformers_engine.sampling import RowSampling, sample_rows
+from deployments.protocol import MAX_TOP_LOGPROBS
+from deployments.transformers_engine.sampling import RowSampling, RowScores, sample_rows, score_rows
 
 logger = logging.getLogger("ray.serve")
 
@@ -112,9 +113,13 @@ class _SlotCache:
 
 class Tokens:
     """The tokens one step (or a join) chose, on their way to the host, with the rows
-    they belong to as the step saw them (rows may be reordered before they arrive)."""
+    they belong to as the step saw them (rows may be reordered before they arrive);
+    ``scores`` are their log probabilities when the step computed them."""
 
-    def __init__(self, rows: list, device_tokens: torch.Tensor, host_buffer: torch.Tensor) -> None:
+    def __init__(
+        self, rows: list, device_tokens: torch.Tensor, host_buffer: torch.Tensor,
+        device_scores: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.rows = rows
         self._host = host_buffer[: len(rows)]
         self._host.copy_(device_tokens[: len(rows)], non_blocking=True)
@@ -122,6 +127,12 @@ class Tokens:
         if device_tokens.is_cuda:
             self._ready = torch.cuda.Event()
             self._ready.record()
+        self.scores: RowScores | None = None
+        if device_scores is not None:
+            # Copied now, before the next step overwrites them: a step whose rows want
+            # log probabilities waits for the device (the host no longer works ahead).
+            chosen, top, top_ids = (tensor[: len(rows)].tolist() for tensor in device_scores)
+            self.scores = RowScores(chosen, top_ids, top)
 
     def token_ids(self) -> list[int]:
         """Waits for the copy (not for later steps) and returns one token per row."""
@@ -188,6 +199,10 @@ class SlotDecoder:
         # step that has a constrained row; -1 (every token) for the other rows.
         self._allowed = zeros(slots, bitmask_words(vocab_size), dtype=torch.int32)
         self._chosen = zeros(slots)  # the tokens a step chose, read by `Tokens`
+        # Their log probabilities and the likeliest tokens', when a row asks for them.
+        self._chosen_logprob = zeros(slots, dtype=torch.float32)
+        self._top_logprobs = zeros(slots, min(MAX_TOP_LOGPROBS, vocab_size), dtype=torch.float32)
+        self._top_ids = zeros(slots, min(MAX_TOP_LOGPROBS, vocab_size))
         self._host_tokens = [
             torch.zeros(slots, dtype=torch.long, pin_memory=device == "cuda") for _ in range(4)
         ]
@@ -196,7 +211,7 @@ class SlotDecoder:
         self.rows: list = []
         self._lengths: list[int] = []  # per row, its fed token's position + 1
         self._samples: list[bool] = []
-        self._graphs: dict[tuple[int, int, bool, bool], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int, bool, bool, bool], torch.cuda.CUDAGraph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
 
     @property
@@ -226,6 +241,7 @@ class SlotDecoder:
         attention_mask: torch.Tensor,
         logits: torch.Tensor,
         allowed: torch.Tensor | None = None,
+        scored: bool = False,
     ) -> Tokens:
         """Takes newly prefilled rows into free slots and chooses their first tokens.
 
@@ -238,6 +254,7 @@ class SlotDecoder:
             attention_mask: [rows, columns], 1 on each row's prompt tokens.
             logits: [rows, vocab] float32 scores of each row's first new token.
             allowed: the rows' bitmask of allowed first tokens, if any is constrained.
+            scored: whether a row asks for log probabilities.
         """
         first, count = len(self.rows), len(rows)
         assert count <= self.free_slots, (count, self.free_slots)
@@ -277,16 +294,21 @@ class SlotDecoder:
         ]
         if allowed is not None:
             self._allowed[joined] = allowed.to(device)
-        self._choose(logits, joined, sampled=any(samples), constrained=allowed is not None)
+        self._choose(logits, joined, sampled=any(samples), constrained=allowed is not None, scored=scored)
         self.rows += rows
         self._lengths += [length + 1 for length in lengths]
         self._samples += samples
-        return Tokens(rows, self._chosen[joined], self._host_buffer())
+        return Tokens(rows, self._chosen[joined], self._host_buffer(), self._scores(joined) if scored else None)
 
-    def _choose(self, logits: torch.Tensor, rows: slice, sampled: bool, constrained: bool) -> None:
+    def _scores(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._chosen_logprob[rows], self._top_logprobs[rows], self._top_ids[rows]
+
+    def _choose(self, logits: torch.Tensor, rows: slice, sampled: bool, constrained: bool, scored: bool) -> None:
         """Samples the next token of ``rows`` from their ``logits`` (masked by their
         allowed tokens when ``constrained``) and advances them: the token becomes the
-        rows' next input, one position and one draw further."""
+        rows' next input, one position and one draw further. ``scored``: also the log
+        probabilities of the raw logits (`sampling.score_rows`)."""
+        raw = logits
         if constrained:
             logits = mask_disallowed(logits, self._allowed[rows])
         chosen = sample_rows(
@@ -304,15 +326,19 @@ class SlotDecoder:
             sampled,
         )
         self._chosen[rows] = chosen
+        if scored:
+            self._chosen_logprob[rows], self._top_logprobs[rows], self._top_ids[rows] = score_rows(
+                raw, chosen, self._top_ids.shape[1]
+            )
         self._input_ids[rows, 0] = chosen
         self._counters[rows] += 1
         self._seen[rows].scatter_(1, chosen[:, None], True)
         self._counts[rows].scatter_add_(1, chosen[:, None], torch.ones_like(chosen[:, None], dtype=self._counts.dtype))
 
-    def step(self, allowed: torch.Tensor | None = None) -> Tokens:
+    def step(self, allowed: torch.Tensor | None = None, scored: bool = False) -> Tokens:
         """Launches one decode step of every row (rows must be non-empty), restricted to
-        ``allowed`` (the rows' bitmask) if given; returns its tokens, still on their way
-        to the host."""
+        ``allowed`` (the rows' bitmask) if given, with log probabilities if ``scored``;
+        returns its tokens, still on their way to the host."""
         count = len(self.rows)
         # A row that ended in the step before this one may be one past its slot.
         longest = min(max(self._lengths), self.slot_length)
@@ -322,13 +348,14 @@ class SlotDecoder:
             self._allowed[:count] = allowed.to(self._allowed.device)
             self._allowed[count:] = -1  # padding rows of a bucket: any token
         if not self.bucketed:
-            self._decode(count, longest, sampled, constrained)
+            self._decode(count, longest, sampled, constrained, scored)
         else:
             key = (
                 _smallest_at_least(self._row_buckets, count),
                 _smallest_at_least(self._column_buckets, longest),
                 sampled,
                 constrained,
+                scored,
             )
             graph = self._graphs.get(key)
             if graph is None and self._use_graphs:
@@ -338,9 +365,9 @@ class SlotDecoder:
             else:
                 self._decode(*key)
         self._lengths = [length + 1 for length in self._lengths]
-        return Tokens(list(self.rows), self._chosen, self._host_buffer())
+        return Tokens(list(self.rows), self._chosen, self._host_buffer(), self._scores(slice(0, count)) if scored else None)
 
-    def _decode(self, rows: int, columns: int, sampled: bool, constrained: bool) -> None:
+    def _decode(self, rows: int, columns: int, sampled: bool, constrained: bool, scored: bool) -> None:
         """One decode step of the first ``rows`` slots attending over ``columns`` columns."""
         positions = self._positions[:rows]
         cache = self._cache
@@ -358,9 +385,9 @@ class SlotDecoder:
             **{self._cache_argument: cache},
         )
         self._positions[:rows] += 1
-        self._choose(output.logits[:, -1, :].float(), slice(0, rows), sampled, constrained)
+        self._choose(output.logits[:, -1, :].float(), slice(0, rows), sampled, constrained, scored)
 
-    def _capture(self, key: tuple[int, int, bool, bool]) -> torch.cuda.CUDAGraph | None:
+    def _capture(self, key: tuple[int, int, bool, bool, bool]) -> torch.cuda.CUDAGraph | None:
         """Captures the graph of a step shape on first use. The warm-up run before it
         changes the rows' state, so that state is saved and put back (the keys and
         values it writes are the ones the real step writes again). A shape that cannot
@@ -385,7 +412,7 @@ class SlotDecoder:
             restore()
             return None
         self._graphs[key] = graph
-        logger.info("captured decode graph for %d rows x %d columns (sampling: %s, constrained: %s)", *key)
+        logger.info("captured decode graph for %d rows x %d columns (sampling: %s, constrained: %s, scored: %s)", *key)
         return graph
 
     def remove(self, leaving: Sequence[int]) -> None:

@@ -107,3 +107,46 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(tiny_url, cluster)
     print(f"tokens generated for a stream left after 3 events: {generated:.0f} of 240")
     assert received == 3
     assert generated < 120, f"{generated} of 240 tokens were generated after the client left"
+
+
+def test_log_probabilities_on_every_api_streamed_or_not_agree(tiny_url, openai_client):
+    """The tiny model, greedy: /generate, /v1/completions and /v1/chat/completions give
+    each generated token's log probability and the likeliest alternatives, whole or
+    streamed, in their own shapes (values checked against a forward pass in
+    tests/unit/test_transformers_engine.py)."""
+    body = {"prompt": "Hello there", "max_new_tokens": 6, "temperature": 0, "logprobs": 2}
+    whole = httpx.post(f"{tiny_url}/generate", json=body, timeout=60).json()
+    scored = whole["generations"][0]["logprobs"]
+    assert len(scored) == whole["usage"]["completion_tokens"] == 6
+    assert all(len(entry["top_logprobs"]) == 2 and entry["logprob"] <= entry["top_logprobs"][0]["logprob"] + 1e-6
+               for entry in scored), "greedy picks the likeliest (top first)"
+    with httpx.stream("POST", f"{tiny_url}/generate", json={**body, "stream": True}, timeout=60) as response:
+        events = sse_events(response.read().decode("utf-8"))
+    assert [entry for event in events for entry in event["logprobs"]] == scored
+    plain = httpx.post(f"{tiny_url}/generate", json={**body, "logprobs": None}, timeout=60).json()
+    assert "logprobs" not in plain["generations"][0], "only when asked for"
+
+    completion = openai_client.completions.create(model="tiny", prompt="Hello there", max_tokens=6, temperature=0,
+                                                  logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.token_logprobs == [entry["logprob"] for entry in scored]
+    assert logprobs.tokens == [entry["token"] for entry in scored]
+    assert [len(top) for top in logprobs.top_logprobs] == [2] * 6
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[1] == len(logprobs.tokens[0])
+    streamed = openai_client.completions.create(model="tiny", prompt="Hello there", max_tokens=6, temperature=0,
+                                                logprobs=2, stream=True)
+    chunks = [chunk.choices[0].logprobs for chunk in streamed if chunk.choices[0].logprobs]
+    assert [value for chunk in chunks for value in chunk.token_logprobs] == logprobs.token_logprobs
+    assert [offset for chunk in chunks for offset in chunk.text_offset] == logprobs.text_offset
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    chat = openai_client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                 logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) <= chat.usage.completion_tokens and all(len(entry.top_logprobs) == 3 for entry in content)
+    assert all(entry.bytes == list(entry.token.encode()) for entry in content)
+    streamed_chat = openai_client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                          logprobs=True, top_logprobs=3, stream=True)
+    streamed_content = [entry for chunk in streamed_chat if chunk.choices and chunk.choices[0].logprobs
+                        for entry in chunk.choices[0].logprobs.content]
+    assert [entry.logprob for entry in streamed_content] == [entry.logprob for entry in content]

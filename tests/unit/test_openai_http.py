@@ -108,7 +108,8 @@ def test_async_client_streams_too(http):
     [
         ({"temperature": 3}, "temperature"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": 2, "echo": True}, "echo"),
         ({"n": 9}, "n"),
         ({"best_of": 3}, "best_of"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -126,10 +127,11 @@ def test_invalid_parameters_are_bad_request_errors_naming_the_parameter(client, 
     assert error["type"] == "invalid_request_error" and error["message"]
 
 
-def test_chat_refuses_tools_and_logprobs(client):
+def test_chat_refuses_tools_and_top_logprobs_without_logprobs(client):
     for kwargs, param in (
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}], **kwargs)

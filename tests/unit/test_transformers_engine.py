@@ -463,3 +463,46 @@ def test_tokenize_gives_what_a_generation_sees_and_detokenize_inverts_it(engine)
     with pytest.raises(InvalidRequestError) as caught:
         engine.detokenize([len(engine._tokenizer)])
     assert caught.value.param == "tokens"
+
+
+def collect_logprobs(engine, params: GenerationParams) -> dict[int, tuple]:
+    """Per sequence, the log probabilities of every delta, joined."""
+
+    async def consume():
+        joined: dict[int, tuple] = {}
+        async for deltas in engine.generate(engine.prepare(params)):
+            for delta in deltas:
+                joined[delta.index] = joined.get(delta.index, ()) + delta.logprobs
+        return joined
+
+    return asyncio.run(consume())
+
+
+def test_log_probabilities_are_the_models_own(engine, tiny_model_dir):
+    """Checked against a forward pass over the whole text: the log-softmax of the raw
+    scores at each position, whatever sampling did with them (temperature, top-k, a
+    penalty); the alternatives are the likeliest tokens, best first."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for params in (
+        greedy("Once upon a time", max_new_tokens=8, logprobs=5),
+        GenerationParams(prompt="Sampled", max_new_tokens=8, temperature=1.3, top_k=20, seed=3,
+                         frequency_penalty=1.0, logprobs=0, num_return_sequences=2),
+    ):
+        prompt_ids = list(engine.prepare(params).prompt_token_ids)
+        for scored in collect_logprobs(engine, params).values():
+            generated = [entry.chosen.token_id for entry in scored]
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt_ids + generated])).logits[0].float()
+            expected = logits[len(prompt_ids) - 1 : -1].log_softmax(dim=-1)
+            assert len(scored) == params.max_new_tokens
+            for position, entry in enumerate(scored):
+                assert entry.chosen.logprob == pytest.approx(expected[position, entry.chosen.token_id].item(), abs=1e-4)
+                assert entry.chosen.token == engine._tokenizer.decode([entry.chosen.token_id])
+                assert len(entry.top) == params.logprobs
+                best = expected[position].topk(params.logprobs or 1)
+                assert [choice.token_id for choice in entry.top] == best.indices.tolist()[: params.logprobs]
+                assert [choice.logprob for choice in entry.top] == pytest.approx(best.values.tolist()[: params.logprobs], abs=1e-4)
+    assert collect_logprobs(engine, greedy(max_new_tokens=3)) == {0: ()}, "none unless asked"
