@@ -5,9 +5,9 @@ Torch-free, so the app builder can validate it without importing the engine.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 DEFAULT_ENGINE = "deployments.transformers_engine:TransformersEngine"
 EMBEDDED_SOURCE = "embedded"
@@ -15,6 +15,9 @@ EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 ENGINE_NICENESS = 0
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+AdapterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 
 
 class ModelConfig(BaseModel):
@@ -166,6 +169,18 @@ class ModelConfig(BaseModel):
     )
     trust_remote_code: bool = Field(
         default=False, description="Allow model code from the model's repository (hub sources)."
+    )
+    adapters: dict[AdapterName, str] = Field(
+        default_factory=dict,
+        description=(
+            "LoRA adapters of this model: name -> a local folder in PEFT's format (adapter_config.json, "
+            "adapter_model.safetensors). A request names one as its model, `<model>:<adapter>`; "
+            "rows of different adapters (and none) decode in one batch."
+        ),
+    )
+    max_adapters: int = Field(
+        default=4, ge=1, le=64,
+        description="Adapters one replica holds at once; others load on demand, replacing the least recently used idle one.",
     )
 
     @model_validator(mode="after")

@@ -70,6 +70,7 @@ class PreparedRequest:
     num_return_sequences: int
     constraint: OutputConstraint | None
     logprobs: int | None
+    adapter: str | None
     # Set when nobody waits for the result any more (the client left, the caller timed
     # out, a quota refused it): the engine drops the request's rows at its next step.
     cancelled: threading.Event = dataclasses.field(
@@ -143,6 +144,7 @@ def prepare_request(
         num_return_sequences=params.num_return_sequences,
         constraint=params.constraint,
         logprobs=params.logprobs,
+        adapter=params.adapter,
     )
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
+
+from ray import serve
 
 from deployments import metrics
 from deployments.autoscaling import GenerationLoadReport
@@ -143,6 +146,15 @@ class ModelServer:
             self._engine = import_engine_class(config.engine)(config, device)
         self._engine.load()
         load_seconds = time.perf_counter() - started
+        # Serve routes a request for an adapter (its multiplexed model id) to a replica
+        # that reported holding it; this reports the last `max_adapters` used here,
+        # which the engine holds (it replaces the least recently used idle one).
+        self._hold_adapter = None
+        if config.adapters:
+            async def held(adapter: str) -> str:
+                return adapter
+
+            self._hold_adapter = serve.multiplexed(max_num_models_per_replica=config.max_adapters)(held)
         metrics.record_model_load(config.name, load_seconds)
         logger.info("model %s ready in %.1f s", config.name, load_seconds)
 
@@ -157,7 +169,7 @@ class ModelServer:
         if isinstance(prepared, InvalidRequestError):
             return prepared
         async with contextlib.aclosing(self._serve(prepared)) as steps:
-            return await collect_result(self._config.name, prepared, steps)
+            return await collect_result(self._served_name(prepared), prepared, steps)
 
     async def generate_stream(
         self, params: GenerationParams
@@ -172,7 +184,7 @@ class ModelServer:
         if isinstance(prepared, InvalidRequestError):
             yield prepared
             return
-        yield StreamStart(model=self._config.name, prompt_tokens=len(prepared.prompt_token_ids))
+        yield StreamStart(model=self._served_name(prepared), prompt_tokens=len(prepared.prompt_token_ids))
         async with contextlib.aclosing(self._serve(prepared)) as steps:
             async for deltas in steps:
                 yield deltas
@@ -184,8 +196,19 @@ class ModelServer:
 
         A client's mistake is returned, not raised: raised, it would cross the handle as
         a failed call, which Serve logs as an ERROR with a traceback in this replica's
-        log. It is one INFO line here, and a 422 at the ingress."""
+        log. It is one INFO line here, and a 422 at the ingress.
+
+        The request's LoRA adapter, if any, is Serve's multiplexed model id."""
+        adapter = serve.get_multiplexed_model_id()
+        if adapter:
+            params = dataclasses.replace(params, adapter=adapter)
+            if self._hold_adapter is not None and adapter in self._config.adapters:
+                await self._hold_adapter(adapter)
         return await self._off_the_loop(params.request_id, self._engine.prepare, params)
+
+    def _served_name(self, prepared: PreparedRequest) -> str:
+        """The model as the request named it: ``<model>:<adapter>`` for an adapter."""
+        return self._config.name if prepared.adapter is None else f"{self._config.name}:{prepared.adapter}"
 
     async def tokenize(self, params: TokenizeParams, request_id: str) -> TokenizeResult | InvalidRequestError:
         """The prompt's or conversation's tokens, as a generation would see them, and the

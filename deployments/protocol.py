@@ -70,6 +70,8 @@ class GenerationParams:
     constraint: OutputConstraint | None = None
     # None: no log probabilities; k: each token's, with the k likeliest tokens' (0..20).
     logprobs: int | None = None
+    # A LoRA adapter of the model (the name in its config), or None for the base model.
+    adapter: str | None = None
 
     def new_tokens_bound(self) -> int:
         """Most new tokens each sequence can generate (the model's default counts as

@@ -84,4 +84,5 @@ def build_app(args: AppArgs) -> Application:
     scale_to_zero = frozenset(
         model.name for model in args.models if model.autoscaling is not None and model.autoscaling.min_replicas == 0
     )
-    return ingress.bind(models, args.rate_limits, args.auth, args.ingress, scale_to_zero)
+    adapters = {model.name: tuple(model.adapters) for model in args.models if model.adapters}
+    return ingress.bind(models, args.rate_limits, args.auth, args.ingress, scale_to_zero, adapters)

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -54,6 +54,10 @@ class Ingress:
         auth: API keys.
         limits: the ingress's own limits and deadlines.
         scale_to_zero: models whose deployments may scale to zero replicas.
+        adapters: each model's LoRA adapter names; a request names one as its model,
+            ``<model>:<adapter>`` (or the adapter's name alone, if no other model has
+            one of that name), and goes to the model's deployment with the adapter as
+            Serve's multiplexed model id (replicas that hold it are preferred).
     """
 
     def __init__(
@@ -63,8 +67,10 @@ class Ingress:
         auth: AuthArgs,
         limits: IngressArgs | None = None,
         scale_to_zero: frozenset[str] = frozenset(),
+        adapters: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self._models = dict(models)
+        self._adapters = {model: tuple(names) for model, names in (adapters or {}).items()}
         self._default_model = next(iter(self._models))
         self._rate_limits = rate_limits
         self._auth = auth
@@ -88,6 +94,22 @@ class Ingress:
     @property
     def model_names(self) -> list[str]:
         return list(self._models)
+
+    @property
+    def adapter_names(self) -> list[tuple[str, str]]:
+        """Every served adapter as (its name as a model, its base model)."""
+        return [(f"{model}:{adapter}", model) for model, names in self._adapters.items() for adapter in names]
+
+    def _base_and_adapter(self, name: str) -> tuple[str, str | None]:
+        """``<model>:<adapter>``, an adapter's name alone, or a model's name."""
+        base, _, adapter = name.partition(":")
+        if adapter:
+            return base, adapter
+        if base not in self._models:
+            owners = [model for model, names in self._adapters.items() if base in names]
+            if len(owners) == 1:
+                return owners[0], base
+        return base, None
 
     def begin(self, request: Request, model: str | None, prompt_chars: int, prompt_param: str) -> DeploymentHandle:
         """Starts a generation request: its deadline (X-Request-Timeout or the default),
@@ -117,11 +139,12 @@ class Ingress:
             ModelNotFoundError: no model of that name is served.
         """
         name = name or self._default_model
-        handle = self._models.get(name)
-        if handle is None:
-            raise ModelNotFoundError(name, list(self._models))
-        request.state.model = name
-        return handle
+        base, adapter = self._base_and_adapter(name)
+        handle = self._models.get(base)
+        if handle is None or (adapter is not None and adapter not in self._adapters.get(base, ())):
+            raise ModelNotFoundError(name, [*self._models, *(served for served, _ in self.adapter_names)])
+        request.state.model = name if adapter is None else f"{base}:{adapter}"
+        return handle if adapter is None else handle.options(multiplexed_model_id=adapter)
 
     async def readiness(self) -> dict[str, dict | None]:
         """`model_readiness`, reused for READINESS_CACHE_S; concurrent probes share the

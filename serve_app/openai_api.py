@@ -68,13 +68,20 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
         "/v1/models", response_model=ModelList, responses=OPENAI_ERRORS, summary="The served models (OpenAI format)."
     )
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, created=created) for name in ingress.model_names])
+        return ModelList(data=model_cards())
+
+    def model_cards() -> list[ModelCard]:
+        """The models, then their adapters (with the model as `parent`, as vLLM lists them)."""
+        bases = [ModelCard(id=name, created=created) for name in ingress.model_names]
+        adapters = [ModelCard(id=name, created=created, parent=base) for name, base in ingress.adapter_names]
+        return bases + adapters
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=OPENAI_ERRORS, summary="One served model.")
     async def get_model(model: str) -> ModelCard:
-        if model not in ingress.model_names:
-            raise ModelNotFoundError(model, ingress.model_names)
-        return ModelCard(id=model, created=created)
+        for card in model_cards():
+            if card.id == model:
+                return card
+        raise ModelNotFoundError(model, [card.id for card in model_cards()])
 
     @app.post(
         COMPLETIONS, response_model=CompletionResponse, responses=OPENAI_STREAMING_ERRORS,

@@ -395,6 +395,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "ray-textgen"
+    parent: str | None = Field(default=None, description="For a LoRA adapter, the model it adapts.")
 
 
 class ModelList(BaseModel):

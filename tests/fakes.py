@@ -182,8 +182,10 @@ class FakeModelHandle:
         self._engine, self._stream = engine, stream
         self.deployment_name = f"Model-{engine.config.name}"
 
-    def options(self, stream: bool = False) -> "FakeModelHandle":
-        return FakeModelHandle(self._engine, stream)
+    def options(self, stream: bool | None = None, multiplexed_model_id: str | None = None) -> "FakeModelHandle":
+        """Like DeploymentHandle.options: what is not given is kept. (The fake engine
+        has no adapters: a multiplexed model id changes nothing here.)"""
+        return FakeModelHandle(self._engine, self._stream if stream is None else stream)
 
     def __getattr__(self, method: str) -> _Call:
         return _Call(getattr(self, f"_{method}"), self._stream)

@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 import time
+from pathlib import Path
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -52,6 +53,7 @@ from deployments.protocol import (
 from deployments.text_output import SequenceText
 from deployments.transformers_engine import kv_cache
 from deployments.transformers_engine.grammars import Grammars, mask_disallowed
+from deployments.transformers_engine.lora import Adapters
 from deployments.transformers_engine.loading import (
     load_model,
     load_tokenizer,
@@ -174,6 +176,7 @@ class _Admission:
     def __init__(self, request: PreparedRequest, outbox: _Outbox) -> None:
         self.request = request
         self.deliver = outbox.deliver
+        self.adapter_slot = 0  # its LoRA adapter's slot once admitted (0: the base model)
 
 
 class _Sequence:
@@ -328,6 +331,7 @@ class TransformersEngine(Engine):
         self._defaults = SERVICE_DEFAULTS
         self._eos_token_ids: frozenset[int] = frozenset()
         self._grammars: Grammars | None = None
+        self._adapters: Adapters | None = None
         self._vocab_size = 0
         self._token_texts: dict[int, str] = {}  # each token's text alone (log probabilities)
         self._context_length = _FALLBACK_CONTEXT_LENGTH
@@ -351,6 +355,10 @@ class TransformersEngine(Engine):
         location = self._model_location()
         self._tokenizer = load_tokenizer(location, self.config.trust_remote_code)
         self._model = model = load_model(location, self.device, self._dtype, self.config.trust_remote_code)
+        if self.config.adapters:  # before any forward pass: CUDA graphs capture the wrapped layers
+            self._adapters = Adapters(
+                model, {name: Path(folder) for name, folder in self.config.adapters.items()}, self.config.max_adapters
+            )
         # transformers renamed `past_key_values` to `cache` (5.2x); accept either, so
         # an image that ships another 5.x still runs.
         self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -424,6 +432,7 @@ class TransformersEngine(Engine):
         decoder = SlotDecoder(
             self._model, self._cache_argument, shape, slots, slot_length,
             vocab_size=probe.logits.shape[-1], device=self.device, use_graphs=self.config.cuda_graphs,
+            row_adapters=self._adapters.rows if self._adapters is not None else None,
         )
         logger.info("slot decoding: %d slots x %d tokens (%.1f GiB of KV cache), CUDA graphs %s",
                     slots, slot_length, shape.bytes_per_token() * slots * slot_length / 2**30,
@@ -499,6 +508,11 @@ class TransformersEngine(Engine):
             TokenizeParams(prompt=params.prompt, messages=params.messages, add_special_tokens=not params.messages)
         )
         prepared = prepare_request(params, token_ids, self._context_length, self._defaults)
+        if prepared.adapter is not None and prepared.adapter not in self.config.adapters:
+            known = ", ".join(self.config.adapters) or "none"
+            raise InvalidRequestError(
+                f"model {self.config.name} has no adapter {prepared.adapter!r}; its adapters: {known}", param="model"
+            )
         if prepared.constraint is not None:
             self._grammars.check(prepared.constraint)
         return prepared
@@ -558,7 +572,7 @@ class TransformersEngine(Engine):
             self._iteration_started = time.monotonic()
             try:
                 if not prefills:
-                    prefills.extend(self._start_prefills(self._take_admissions(waiting, decoding.free_rows())))
+                    prefills.extend(self._start_prefills(self._take_admissions(waiting, decoding)))
                 if prefills:
                     prefilled = self._prefill_chunk(prefills[0], whole=not decoding.busy)
                     if prefilled is not None:
@@ -604,10 +618,13 @@ class TransformersEngine(Engine):
             if arrival is not None:  # None: close() woke the loop
                 waiting.append(arrival)
 
-    def _take_admissions(self, waiting: deque[_Admission], free: int) -> list[_Admission]:
-        """The waiting requests that fit in ``free`` rows now, first come first served;
-        those whose caller left before they started are dropped on the way."""
+    def _take_admissions(self, waiting: deque[_Admission], decoding: _Decoding) -> list[_Admission]:
+        """The waiting requests that fit in the free rows now, first come first served;
+        those whose caller left before they started are dropped on the way. A request
+        whose adapter finds no slot (every slot holds one that running rows use) waits,
+        and the requests behind it with it."""
         admitted: list[_Admission] = []
+        free = decoding.free_rows()
         prefill_tokens = 0
         while waiting:
             request = waiting[0].request
@@ -618,6 +635,12 @@ class TransformersEngine(Engine):
             too_long = admitted and prefill_tokens + len(request.prompt_token_ids) > MAX_PREFILL_TOKENS
             if too_many or too_long:
                 break
+            if request.adapter is not None:
+                in_use = {s.admission.request.adapter for s in decoding.sequences() if not s.finished}
+                slot = self._adapters.slot_for(request.adapter, in_use | {a.request.adapter for a in admitted})
+                if slot is None:
+                    break
+                waiting[0].adapter_slot = slot
             admitted.append(waiting.popleft())
             free -= request.num_return_sequences
             prefill_tokens += len(request.prompt_token_ids)
@@ -654,6 +677,7 @@ class TransformersEngine(Engine):
         if not whole:
             columns = min(columns, max(1, self.prefill_chunk_tokens // rows))
         end = prefill.done + columns
+        self._use_adapters([admission.adapter_slot for admission in prefill.admitted])
         output = self._model(
             input_ids=prefill.input_ids[:, prefill.done : end],
             attention_mask=prefill.attention_mask[:, :end],
@@ -685,6 +709,12 @@ class TransformersEngine(Engine):
             last_position=prefill.position_ids[fan_out, -1],
             logits=output.logits[:, -1, :].float()[fan_out],
         )
+
+    def _use_adapters(self, slots: Sequence[int]) -> None:
+        """Tells the LoRA layers each row's adapter slot for the next forward pass (none
+        when no row uses one: the base model's rows then cost nothing extra)."""
+        if self._adapters is not None:
+            self._adapters.rows.use(torch.tensor(slots, device=self.device) if any(slots) else None)
 
     def _grammar_of(self, request: PreparedRequest):
         return None if request.constraint is None else self._grammars.matcher(request.constraint)
@@ -769,6 +799,7 @@ class TransformersEngine(Engine):
         )
         batch.last_position = batch.last_position + 1
         metrics.record_batch_size(self.config.name, len(still_running))
+        self._use_adapters([sequence.admission.adapter_slot for sequence in batch.sequences])
         output = self._model(
             input_ids=next_tokens[:, None],
             attention_mask=batch.attention_mask,
@@ -885,6 +916,7 @@ class _SlotDecoding(_Decoding):
                 prefilled.cache, prefilled.attention_mask, prefilled.logits,
                 allowed=self._engine.allowed_tokens(prefilled.sequences),
                 scored=self._engine.wants_scores(prefilled.sequences),
+                adapter_slots=[sequence.admission.adapter_slot for sequence in prefilled.sequences],
             )
         )
 

@@ -154,6 +154,8 @@ class SlotDecoder:
         vocab_size: width of the logits.
         device: where the model runs.
         use_graphs: replay decode steps as CUDA graphs (CUDA only).
+        row_adapters: where the model's LoRA layers read each row's adapter slot, if
+            it has adapters (lora.py).
     """
 
     def __init__(
@@ -166,8 +168,10 @@ class SlotDecoder:
         vocab_size: int,
         device: str,
         use_graphs: bool,
+        row_adapters=None,
     ) -> None:
         self._model, self._cache_argument = model, cache_argument
+        self._row_adapters = row_adapters
         self.slots, self.slot_length = slots, slot_length
         self._use_graphs = use_graphs and device == "cuda"
         # Steps take the shapes of the buckets (padding rows, wider attention) whenever
@@ -198,6 +202,7 @@ class SlotDecoder:
         # Each row's allowed next tokens (grammars.py), written by the host before a
         # step that has a constrained row; -1 (every token) for the other rows.
         self._allowed = zeros(slots, bitmask_words(vocab_size), dtype=torch.int32)
+        self._adapter_slots = zeros(slots)  # each row's LoRA adapter slot (0: none)
         self._chosen = zeros(slots)  # the tokens a step chose, read by `Tokens`
         # Their log probabilities and the likeliest tokens', when a row asks for them.
         self._chosen_logprob = zeros(slots, dtype=torch.float32)
@@ -242,6 +247,7 @@ class SlotDecoder:
         logits: torch.Tensor,
         allowed: torch.Tensor | None = None,
         scored: bool = False,
+        adapter_slots: Sequence[int] | None = None,
     ) -> Tokens:
         """Takes newly prefilled rows into free slots and chooses their first tokens.
 
@@ -255,6 +261,7 @@ class SlotDecoder:
             logits: [rows, vocab] float32 scores of each row's first new token.
             allowed: the rows' bitmask of allowed first tokens, if any is constrained.
             scored: whether a row asks for log probabilities.
+            adapter_slots: each row's LoRA adapter slot (none: 0).
         """
         first, count = len(self.rows), len(rows)
         assert count <= self.free_slots, (count, self.free_slots)
@@ -276,6 +283,7 @@ class SlotDecoder:
 
         put(self._positions, lengths)
         put(self._counters, [0] * count)
+        put(self._adapter_slots, list(adapter_slots) if adapter_slots is not None else [0] * count)
         put(self._seeds, [secrets.randbits(63) if r.seed is None else r.seed for r in sampling])
         put(self._temperature, [r.temperature for r in sampling])
         put(self._top_p, [r.top_p for r in sampling])
@@ -376,6 +384,8 @@ class SlotDecoder:
         # Padding rows (free slots) and rows that already ended, decoded once more
         # before the host saw it, may be past the end: they write into the last column.
         cache.write_positions = positions.clamp(max=self.slot_length - 1)
+        if self._row_adapters is not None:  # from a static tensor: graphs replay it
+            self._row_adapters.use(self._adapter_slots[:rows])
         visible = self._column_index[None, :columns] <= positions[:, None]
         output = self._model(
             input_ids=self._input_ids[:rows],
@@ -444,7 +454,7 @@ class SlotDecoder:
         """Every per-slot tensor but the KV cache (slot first)."""
         return [self._input_ids, self._positions, self._counters, self._seeds, self._temperature,
                 self._top_p, self._top_k, self._penalty, self._seen, self._presence, self._frequency,
-                self._counts, self._chosen]
+                self._counts, self._adapter_slots, self._chosen]
 
     def clear(self) -> None:
         """Forgets every row (after a failed step)."""

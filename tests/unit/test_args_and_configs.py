@@ -62,6 +62,8 @@ def test_defaults_are_one_embedded_model():
         ({"accelerator": "tpu"}, "'auto', 'gpu' or 'cpu'"),
         ({"surprise": 1}, "Extra inputs are not permitted"),
         ({"engine": "not a path"}, "String should match pattern"),
+        ({"adapters": {"a:b": "/adapters/a"}}, "String should match pattern"),
+        ({"max_adapters": 0}, "greater than or equal to 1"),
     ],
 )
 def test_model_args_rules_say_how_to_fix(fields, message):
@@ -109,11 +111,13 @@ def test_deployment_options_carry_scaling_and_concurrency():
 
 
 def test_builder_binds_one_deployment_per_model_behind_the_ingress():
-    on_demand = ModelArgs(name="b/c", autoscaling=AutoscalingArgs(min_replicas=0, max_replicas=2))
+    on_demand = ModelArgs(name="b/c", autoscaling=AutoscalingArgs(min_replicas=0, max_replicas=2),
+                          adapters={"tuned": "/adapters/tuned"})
     app = build_app(AppArgs(models=[ModelArgs(name="a"), on_demand]))
     ingress = app._bound_deployment
     assert ingress.name == "Ingress"
-    models, rate_limits, auth, limits, scale_to_zero = ingress.init_args
+    models, rate_limits, auth, limits, scale_to_zero, adapters = ingress.init_args
+    assert adapters == {"b/c": ("tuned",)}, "the ingress knows each model's adapters"
     assert limits.max_ongoing_requests == 256
     assert rate_limits.default.requests == ["10/minute"] and not auth.enabled
     assert scale_to_zero == {"b/c"}, "readiness must not wake a model scaled to zero"

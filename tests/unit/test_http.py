@@ -396,3 +396,20 @@ def test_tokenize_and_detokenize_in_vllms_shapes(client):
     ]:
         response = client.post(path, json=body)
         assert response.status_code == status and response.json()["error"]["param"] == param, (body, response.text)
+
+
+def test_adapters_are_models_named_after_their_base():
+    engine = FakeEngine(ModelConfig(name="fake", source=fake_source()), "cpu")
+    ingress = Ingress({"fake": FakeModelHandle(engine)}, RateLimitArgs(enabled=False), AuthArgs(),
+                      adapters={"fake": ("terse", "chatty")})
+    with TestClient(create_api(ingress, NO_LIMITS), raise_server_exceptions=False) as client:
+        listed = client.get("/v1/models").json()["data"]
+        assert [(card["id"], card["parent"]) for card in listed] == [
+            ("fake", None), ("fake:terse", "fake"), ("fake:chatty", "fake")
+        ]
+        assert client.get("/v1/models/fake:terse").json()["parent"] == "fake"
+        for name in ("fake:terse", "chatty"):
+            assert client.post("/generate", json={"prompt": "a", "max_new_tokens": 2, "model": name}).status_code == 200
+        unknown = client.post("/generate", json={"prompt": "a", "model": "fake:nope"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+        assert "'fake:nope' does not exist; available: fake, fake:terse, fake:chatty" in unknown.json()["error"]["message"]
