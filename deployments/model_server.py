@@ -246,7 +246,7 @@ class ModelServer:
         books (its load, metrics and log line). Deltas with no text (and no finish, no
         log probabilities) count their tokens but are not passed on. Closing it early (the caller left, or
         gave up) cancels the generation in the engine."""
-        model = self._config.name
+        model = self._served_name(prepared)  # an adapter's metrics are its own
         timings = prepared.timings
         metrics.record_prompt_tokens(model, len(prepared.prompt_token_ids))
         with self._load.holding(prepared) as owed:

@@ -3,6 +3,7 @@ with PEFT, at most one adapter held per replica. A request names an adapter as i
 model; Serve's model multiplexing sends each adapter's requests to the replica that
 holds it, and each answer is what PEFT gives with that adapter alone."""
 
+import re
 import time
 import uuid
 
@@ -87,3 +88,15 @@ def test_adapters_are_listed_with_their_parent_and_unknown_ones_are_404(lora_url
         with pytest.raises(openai.NotFoundError) as caught:
             client.completions.create(model="tiny:nope", prompt=PROMPT)
     assert "tiny:nope" in caught.value.body["message"] and caught.value.body["code"] == "model_not_found"
+
+
+def test_an_adapters_tokens_are_counted_under_its_own_name(lora_url, cluster):
+    generate(lora_url, "tiny:chatty")
+    pattern = re.compile(r'ray_textgen_completion_tokens_total\{[^}]*model="tiny:chatty"[^}]*\} ([0-9.]+)')
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        counted = [float(value) for value in pattern.findall(httpx.get(cluster.metrics_url, timeout=10).text)]
+        if counted and sum(counted) >= NEW_TOKENS:
+            return
+        time.sleep(1)
+    raise AssertionError("no completion tokens under model=tiny:chatty in the metrics")
