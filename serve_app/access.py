@@ -112,6 +112,8 @@ class AccessControl:
         key_quotas: quota per API key name.
         api_keys: the keys, or None when keys are off.
         trusted_proxies: proxies whose X-Forwarded-For is believed.
+        model_quotas: quota per served model or adapter, per client, instead of the
+            client's own for requests to it.
     """
 
     def __init__(
@@ -123,10 +125,12 @@ class AccessControl:
         trusted_proxies: Sequence[Network] = (),
         unauthenticated_limit: str = AuthArgs.model_fields["unauthenticated_limit"].default,
         max_concurrent_per_client: int | None = None,
+        model_quotas: Mapping[str, Quota] | None = None,
     ) -> None:
         self.limiter = limiter
         self._default_quota = default_quota
         self._key_quotas = dict(key_quotas or {})
+        self._model_quotas = dict(model_quotas or {})
         self._api_keys = api_keys
         self._trusted_proxies = list(trusted_proxies)
         self._unauthenticated_limit = parse(unauthenticated_limit)
@@ -179,9 +183,10 @@ class AccessControl:
         self._hold_a_slot(request, client)
         if self.limiter is None:
             return
+        identity, quota = self.counted_as(request)
         tokens_needed = getattr(request.state, "tokens_needed", 0)
         try:
-            decision = await self.limiter.admit(client.identity, client.quota, tokens_needed)
+            decision = await self.limiter.admit(identity, quota, tokens_needed)
         except StoreUnavailableError:
             raise ServiceError(503, "rate limiter unavailable; retry shortly", headers={"Retry-After": "1"}) from None
         request.state.rate_limit = decision.state
@@ -191,17 +196,26 @@ class AccessControl:
             if decision.refused_tokens:
                 message = (
                     f"token quota of {decision.state.limit} per {decision.state.window} has {decision.state.remaining} left "
-                    f"for {client.identity}; this request may cost up to {tokens_needed} tokens (prompt + "
+                    f"for {identity}; this request may cost up to {tokens_needed} tokens (prompt + "
                     f"every sequence's max new tokens); lower max_new_tokens or retry in {retry_after} s"
                 )
             else:
                 message = (
                     f"rate limit of {decision.state.limit} requests per {decision.state.window} exceeded for "
-                    f"{client.identity}; retry in {retry_after} s"
+                    f"{identity}; retry in {retry_after} s"
                 )
             raise ServiceError(429, message, headers={"Retry-After": str(retry_after)})
         request.state.reservation = decision.reservation
         request.state.settled = tokens_needed is None  # generates nothing: nothing to settle
+
+    def counted_as(self, request: Request) -> tuple[str, Quota]:
+        """What a request counts against: its client's quota, or, for a model (or
+        adapter) with a quota of its own, that quota, counted per client and model."""
+        client: Client = request.state.client
+        quota = self._model_quotas.get(getattr(request.state, "model", None))
+        if quota is None:
+            return client.identity, client.quota
+        return f"{client.identity} on {request.state.model}", quota
 
     def _hold_a_slot(self, request: Request, client: Client) -> None:
         """Counts the request among its client's requests in flight here (released by
@@ -240,8 +254,7 @@ class AccessControl:
         """Whether the quota check may run beside the model call rather than before it:
         only for a client this replica recently saw far from all its limits, so a
         client at its limit never reaches a model replica."""
-        client: Client = request.state.client
-        return self.limiter is not None and self.limiter.has_headroom(client.identity)
+        return self.limiter is not None and self.limiter.has_headroom(self.counted_as(request)[0])
 
     async def admit_around(self, request: Request, start_call: Callable[[], T]) -> T:
         """Admits the request, then starts ``start_call`` (a model call that can be
@@ -273,8 +286,8 @@ class AccessControl:
         if self.limiter is None or getattr(state, "settled", True):
             return
         state.settled = True
-        client: Client = state.client
-        self.limiter.settle_tokens(client.identity, client.quota, used, state.reservation)
+        identity, quota = self.counted_as(request)
+        self.limiter.settle_tokens(identity, quota, used, state.reservation)
 
 
 def cancel_quietly(call) -> None:
@@ -327,6 +340,7 @@ def build_access_control(
         rate_limits.trusted_proxies,
         auth.unauthenticated_limit,
         rate_limits.max_concurrent_per_client,
+        {name: quota.to_quota() for name, quota in rate_limits.models.items()},
     )
 
 

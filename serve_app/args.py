@@ -373,6 +373,13 @@ class RateLimitArgs(BaseModel):
     keys: dict[str, QuotaArgs] = Field(
         default_factory=dict, description="Quota per API key name (needs auth.enabled)."
     )
+    models: dict[str, QuotaArgs] = Field(
+        default_factory=dict,
+        description=(
+            "Quota per served model or LoRA adapter (`<model>:<adapter>`): each client's requests "
+            "to it count against this quota, kept per client and model, instead of the client's own."
+        ),
+    )
     storage: str = Field(
         default="ray",
         pattern=r"^(ray|rediss?://.+)$",
@@ -469,6 +476,18 @@ class AppArgs(BaseModel):
                     f"models need distinct names; {', '.join(duplicates)} appears more than "
                     "once (names that differ only in punctuation collide as deployment names)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _model_quotas_name_served_models(self) -> "AppArgs":
+        served = {model.name for model in self.models}
+        served |= {f"{model.name}:{adapter}" for model in self.models for adapter in model.adapters}
+        unknown = sorted(set(self.rate_limits.models) - served)
+        if unknown:
+            raise ValueError(
+                f"rate_limits.models names what is not served: {', '.join(unknown)}; name a model or "
+                f"<model>:<adapter> (served: {', '.join(sorted(served))})"
+            )
         return self
 
     @model_validator(mode="after")

@@ -17,11 +17,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+logger = logging.getLogger("ray.serve")
 
 # PEFT's keys: base_model.model.<module path>.lora_A.weight
 _KEY_PREFIX = "base_model.model."
@@ -174,23 +177,26 @@ class Adapters:
         None when every slot holds an adapter in use (the request must wait)."""
         slot = self._loaded.get(name)
         if slot is None:
-            slot = self._free_slot(in_use)
-            if slot is None:
+            free = self._free_slot(in_use)
+            if free is None:
                 return None
+            slot, replaced = free
             self._load(name, slot)
             self._loaded[name] = slot
+            logger.info("adapter %s loaded into slot %d%s", name, slot, f", replacing {replaced}" if replaced else "")
         self._loaded.move_to_end(name)
         return slot
 
-    def _free_slot(self, in_use: set[str]) -> int | None:
+    def _free_slot(self, in_use: set[str]) -> tuple[int, str | None] | None:
+        """A slot for another adapter, and the adapter it held (None if it was free)."""
         taken = set(self._loaded.values())
         for slot in range(1, self.slots + 1):
             if slot not in taken:
-                return slot
+                return slot, None
         for name, slot in self._loaded.items():  # least recently used first
             if name not in in_use:
                 del self._loaded[name]  # its slot is overwritten by the next adapter
-                return slot
+                return slot, name
         return None
 
     def _load(self, name: str, slot: int) -> None:

@@ -28,6 +28,7 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory):
     return {
         "terse": make_adapter(tiny_model_dir, root / "terse", seed=1, rank=4, targets=["q_proj", "v_proj"]),
         "chatty": make_adapter(tiny_model_dir, root / "chatty", seed=2, rank=8, targets=["o_proj", "down_proj"]),
+        "plain": make_adapter(tiny_model_dir, root / "plain", seed=3, rank=2, targets=["up_proj"]),
     }
 
 
@@ -82,7 +83,7 @@ def test_each_adapters_requests_go_to_the_replica_that_holds_it(lora_url, cluste
 def test_adapters_are_listed_with_their_parent_and_unknown_ones_are_404(lora_url):
     with openai.OpenAI(base_url=f"{lora_url}/v1", api_key="unused", max_retries=0) as client:
         listed = {card.id: getattr(card, "parent", None) for card in client.models.list().data}
-        assert listed == {"tiny": None, "tiny:terse": "tiny", "tiny:chatty": "tiny"}
+        assert listed == {"tiny": None, "tiny:terse": "tiny", "tiny:chatty": "tiny", "tiny:plain": "tiny"}
         completion = client.completions.create(model="terse", prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0)
         assert completion.model == "tiny:terse"
         with pytest.raises(openai.NotFoundError) as caught:
@@ -100,3 +101,14 @@ def test_an_adapters_tokens_are_counted_under_its_own_name(lora_url, cluster):
             return
         time.sleep(1)
     raise AssertionError("no completion tokens under model=tiny:chatty in the metrics")
+
+
+def test_a_third_adapter_replaces_the_least_recently_used_one_on_a_replica(lora_url, cluster, tiny_model_dir,
+                                                                          adapter_dirs):
+    """Both replicas hold one adapter each (the test above): with max_adapters 1, the
+    replica that takes the third replaces the one it held, and says so in its log."""
+    text, _ = generate(lora_url, "tiny:plain")
+    assert text == peft_greedy(tiny_model_dir, adapter_dirs["plain"], PROMPT)
+    # The engine process logs to its replica's worker log (stderr).
+    logs = "".join(path.read_text(errors="replace") for path in (cluster.session_dir / "logs").glob("worker-*.err"))
+    assert re.search(r"adapter plain loaded into slot 1, replacing (terse|chatty)", logs), "the cap of one holds"

@@ -379,3 +379,19 @@ def test_tokenizing_counts_as_a_request_but_never_against_a_token_quota():
         assert [r.status_code for r in counted] == [200, 200, 200, 429]
         assert counted[0].json()["count"] == 100
         assert "rate limit of 4 requests per minute" in counted[-1].json()["error"]["message"]
+
+
+def test_a_model_or_adapter_with_a_quota_of_its_own_counts_apart_per_client():
+    access = AccessControl(memory_limiter(), Quota(requests=("3/minute",)),
+                           model_quotas={"fake:terse": Quota(requests=("2/minute",))})
+    engine = FakeEngine(ModelConfig(name="fake", source=fake_source()), "cpu")
+    ingress = Ingress({"fake": FakeModelHandle(engine)}, RateLimitArgs(), AuthArgs(), adapters={"fake": ("terse",)})
+    with TestClient(create_api(ingress, access), raise_server_exceptions=False) as client:
+        def send(model: str) -> int:
+            return client.post("/generate", json={"prompt": "a", "max_new_tokens": 1, "model": model}).status_code
+
+        assert [send("fake:terse") for _ in range(3)] == [200, 200, 429], "the adapter's own quota"
+        assert [send("fake") for _ in range(4)] == [200, 200, 200, 429], "the client's quota, untouched by it"
+        refused = client.post("/generate", json={"prompt": "a", "model": "terse"})
+        assert refused.status_code == 429 and "on fake:terse" in refused.json()["error"]["message"]
+        assert refused.headers["X-RateLimit-Limit"] == "2"

@@ -205,3 +205,10 @@ def test_local_config_limits_ten_a_minute_across_two_ingress_replicas():
     assert args.ingress.num_replicas == 2
     assert args.rate_limits.enabled and args.rate_limits.default.requests == ["10/minute"]
     assert args.rate_limits.storage == "ray" and not args.auth.enabled
+
+
+def test_model_quotas_name_served_models_or_adapters():
+    models = [ModelArgs(name="m", adapters={"tuned": "/adapters/tuned"})]
+    AppArgs(models=models, rate_limits=RateLimitArgs(models={"m": QuotaArgs(), "m:tuned": QuotaArgs()}))
+    with pytest.raises(ValidationError, match="rate_limits.models names what is not served: m:other"):
+        AppArgs(models=models, rate_limits=RateLimitArgs(models={"m:other": QuotaArgs()}))
