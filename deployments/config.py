@@ -174,7 +174,8 @@ class ModelConfig(BaseModel):
         default_factory=dict,
         description=(
             "LoRA adapters of this model: name -> a local folder in PEFT's format (adapter_config.json, "
-            "adapter_model.safetensors). A request names one as its model, `<model>:<adapter>`; "
+            "adapter_model.safetensors) or a hub id (downloaded at start). A request names one as its "
+            "model, `<model>:<adapter>`; "
             "rows of different adapters (and none) decode in one batch."
         ),
     )

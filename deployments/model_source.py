@@ -87,3 +87,24 @@ def resolve_model_source(source: str, revision: str | None = None) -> ModelLocat
             "a .gguf file nor a hub id of the form org/name"
         )
     return ModelLocation(kind="hub", path=source, revision=revision)
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def resolve_adapter_source(source: str) -> Path:
+    """The local folder of a LoRA adapter: ``source`` itself when it is a folder, else a
+    hub id downloaded into the HF cache (only its config and weights; with
+    ``HF_HUB_OFFLINE=1``, what the cache holds).
+
+    Raises:
+        ModelSourceError: a path that is not a folder, or a string that is neither.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if source.startswith(("/", ".", "~")) or not _HUB_ID.match(source):
+        raise ModelSourceError(f"adapter {source!r} is neither an existing folder nor a hub id of the form org/name")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=list(ADAPTER_FILES)))

@@ -18,7 +18,6 @@ import os
 import queue
 import threading
 import time
-from pathlib import Path
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -38,7 +37,7 @@ from deployments.engine import (
     relay_steps,
     sequence_seed,
 )
-from deployments.model_source import ModelLocation, resolve_model_source
+from deployments.model_source import ModelLocation, resolve_adapter_source, resolve_model_source
 from deployments.protocol import (
     FinishReason,
     GenerationParams,
@@ -357,7 +356,9 @@ class TransformersEngine(Engine):
         self._model = model = load_model(location, self.device, self._dtype, self.config.trust_remote_code)
         if self.config.adapters:  # before any forward pass: CUDA graphs capture the wrapped layers
             self._adapters = Adapters(
-                model, {name: Path(folder) for name, folder in self.config.adapters.items()}, self.config.max_adapters
+                model,
+                {name: resolve_adapter_source(source) for name, source in self.config.adapters.items()},
+                self.config.max_adapters,
             )
         # transformers renamed `past_key_values` to `cache` (5.2x); accept either, so
         # an image that ships another 5.x still runs.

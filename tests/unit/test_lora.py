@@ -119,3 +119,27 @@ def test_adapters_that_are_not_plain_lora_are_refused_with_the_reason(tiny_model
         AdapterConfig.read(folder)
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["use_dora"] is True
+
+
+def test_a_hub_adapter_comes_from_the_hf_cache(adapter_dirs, tmp_path, monkeypatch):
+    """A hub id resolves through huggingface_hub's own cache (offline here: the machine
+    reaches no hub, so the cache is laid out as a download leaves it)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from deployments.model_source import ModelSourceError, resolve_adapter_source
+
+    repo = tmp_path / "hub" / "models--acme--terse-lora"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(adapter_dirs["terse"], repo / "snapshots" / commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder = resolve_adapter_source("acme/terse-lora")
+    assert folder == repo / "snapshots" / commit
+    assert AdapterConfig.read(folder) == AdapterConfig.read(adapter_dirs["terse"])
+    assert resolve_adapter_source(str(adapter_dirs["chatty"])) == adapter_dirs["chatty"]
+    with pytest.raises(ModelSourceError, match="neither an existing folder nor a hub id"):
+        resolve_adapter_source("/no/such/adapter")
