@@ -101,15 +101,17 @@ class Ingress:
         return [(f"{model}:{adapter}", model) for model, names in self._adapters.items() for adapter in names]
 
     def _base_and_adapter(self, name: str) -> tuple[str, str | None]:
-        """``<model>:<adapter>``, an adapter's name alone, or a model's name."""
-        base, _, adapter = name.partition(":")
-        if adapter:
+        """A model's name, ``<model>:<adapter>`` (a model's name may hold colons itself,
+        `llama3:8b`; an adapter's may not), or an adapter's name alone."""
+        if name in self._models:
+            return name, None
+        base, _, adapter = name.rpartition(":")
+        if base in self._models:
             return base, adapter
-        if base not in self._models:
-            owners = [model for model, names in self._adapters.items() if base in names]
-            if len(owners) == 1:
-                return owners[0], base
-        return base, None
+        owners = [model for model, names in self._adapters.items() if name in names]
+        if len(owners) == 1:
+            return owners[0], name
+        return name, None
 
     def begin(self, request: Request, model: str | None, prompt_chars: int, prompt_param: str) -> DeploymentHandle:
         """Starts a generation request: its deadline (X-Request-Timeout or the default),

@@ -413,3 +413,14 @@ def test_adapters_are_models_named_after_their_base():
         unknown = client.post("/generate", json={"prompt": "a", "model": "fake:nope"})
         assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
         assert "'fake:nope' does not exist; available: fake, fake:terse, fake:chatty" in unknown.json()["error"]["message"]
+
+
+def test_a_model_name_may_hold_colons_and_still_have_adapters():
+    engine = FakeEngine(ModelConfig(name="llama3:8b", source=fake_source()), "cpu")
+    ingress = Ingress({"llama3:8b": FakeModelHandle(engine)}, RateLimitArgs(enabled=False), AuthArgs(),
+                      adapters={"llama3:8b": ("terse",)})
+    with TestClient(create_api(ingress, NO_LIMITS), raise_server_exceptions=False) as client:
+        for name in ("llama3:8b", "llama3:8b:terse", "terse"):
+            assert client.post("/generate", json={"prompt": "a", "max_new_tokens": 1, "model": name}).status_code == 200
+        assert client.post("/generate", json={"prompt": "a", "model": "llama3"}).status_code == 404
+        assert client.post("/generate", json={"prompt": "a", "model": "llama3:8b:nope"}).status_code == 404
