@@ -17,12 +17,11 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine  # noqa: E402
-from bench.gpu_throughput import PROMPT  # noqa: E402
+from bench.gpu_throughput import PROMPT, ours  # noqa: E402
 from deployments.config import ModelConfig  # noqa: E402
 from deployments.model_source import embedded_model_folder  # noqa: E402
 from deployments.protocol import GenerationParams  # noqa: E402
@@ -44,31 +43,6 @@ def make_adapters(count: int, folder: Path) -> dict[str, str]:
         get_peft_model(model, config).save_pretrained(folder / f"adapter{index}")
         adapters[f"adapter{index}"] = str(folder / f"adapter{index}")
     return adapters
-
-
-def closed_loop(engine: TransformersEngine, requests: list[GenerationParams], seconds: float) -> dict:
-    """Each client sends its request again as soon as it ends, for ``seconds``."""
-    import asyncio
-
-    async def run(duration: float) -> tuple[int, int, float]:
-        deadline = time.monotonic() + duration
-        tokens = answered = 0
-
-        async def client(params: GenerationParams) -> None:
-            nonlocal tokens, answered
-            while time.monotonic() < deadline:
-                async for deltas in engine.generate(engine.prepare(params)):
-                    last = deltas[-1]
-                tokens += last.completion_tokens
-                answered += 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(client(params) for params in requests))
-        return tokens, answered, time.perf_counter() - started
-
-    asyncio.run(run(2.0))  # warm-up: adapters loaded, kernels chosen
-    tokens, answered, elapsed = asyncio.run(run(seconds))
-    return {"tokens_per_s": tokens / elapsed, "requests": answered}
 
 
 def main() -> None:
@@ -109,7 +83,7 @@ def measure(args: argparse.Namespace, adapters: dict[str, str]) -> None:
     }
     for round_number in range(args.rounds):
         for name, (engine, requests) in loads.items():
-            result = closed_loop(engine, requests, args.seconds)
+            result = ours(engine, args.clients, args.seconds, args.new_tokens, requests)
             record["rounds"].append({"round": round_number, "load": name, **result})
             print(f"round {round_number} {name:>24}: {result['tokens_per_s']:.1f} tok/s", flush=True)
     medians = {name: statistics.median(r["tokens_per_s"] for r in record["rounds"] if r["load"] == name)

@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 import traceback
 from pathlib import Path
 
@@ -60,17 +61,18 @@ def build_model(config_folder: Path, overrides: dict, folder: Path) -> None:
 
 
 def ours(
-    engine: TransformersEngine, clients: int, seconds: float, new_tokens: int, params: GenerationParams | None = None
+    engine: TransformersEngine, clients: int, seconds: float, new_tokens: int,
+    requests: Sequence[GenerationParams] = (),
 ) -> dict:
-    """Closed loop: each client sends its next request when the last one ends; the
-    request is greedy on PROMPT unless ``params`` says otherwise."""
-    params = params or GenerationParams(prompt=PROMPT, max_new_tokens=new_tokens, temperature=0)
+    """Closed loop: each client sends its next request when the last one ends. Client i
+    sends ``requests[i % len(requests)]``; with none, a greedy request on PROMPT."""
+    requests = list(requests) or [GenerationParams(prompt=PROMPT, max_new_tokens=new_tokens, temperature=0)]
 
     async def run(duration: float) -> tuple[int, list[float], float]:
         deadline = time.monotonic() + duration
         tokens, latencies = 0, []
 
-        async def client() -> None:
+        async def client(params: GenerationParams) -> None:
             nonlocal tokens
             while time.monotonic() < deadline:
                 started = time.perf_counter()
@@ -80,7 +82,7 @@ def ours(
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(requests[i % len(requests)]) for i in range(clients)))
         return tokens, latencies, time.perf_counter() - started
 
     asyncio.run(run(2.0))  # captures this load's CUDA graphs

@@ -92,7 +92,7 @@ def main() -> None:
     print(json.dumps(record["compile"], indent=1), flush=True)
     for round_number in range(args.rounds):
         for name, params in loads.items():
-            result = ours(engine, args.clients, args.seconds, args.new_tokens, params)
+            result = ours(engine, args.clients, args.seconds, args.new_tokens, [params])
             record["rounds"].append({"round": round_number, "load": name, **result})
             print(f"round {round_number} {name:>11}: {result['tokens_per_s']:.1f} tok/s", flush=True)
     medians = {name: statistics.median(r["tokens_per_s"] for r in record["rounds"] if r["load"] == name)
