@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine  # noqa: E402
 from bench.gpu_throughput import ours  # noqa: E402
 from deployments.config import ModelConfig  # noqa: E402
-from deployments.protocol import GenerationParams, OutputConstraint  # noqa: E402
+from deployments.protocol import ChatMessage, GenerationParams, OutputConstraint  # noqa: E402
 from deployments.transformers_engine import TransformersEngine  # noqa: E402
 from deployments.transformers_engine.grammars import Grammars  # noqa: E402
 
@@ -49,7 +49,7 @@ COMPILED = {
              "required": ["a", "b"]},
     "any JSON object": {"type": "object"},
 }
-MESSAGES = (("user", "List fifty people as JSON: name, age, role and address."),)
+MESSAGES = (ChatMessage("user", "List fifty people as JSON: name, age, role and address."),)
 
 
 def compile_times(engine: TransformersEngine) -> dict:

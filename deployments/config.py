@@ -167,6 +167,14 @@ class ModelConfig(BaseModel):
             "there (a longer one gets 422 naming the limit)."
         ),
     )
+    tool_call_format: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        default="auto",
+        description=(
+            "How the model writes tool calls: `hermes` (`<tool_call>{...}</tool_call>`: Qwen, Hermes, "
+            "SmolLM3), `llama3_json` (Llama 3's bare JSON calls), `mistral` (`[TOOL_CALLS][...]`); "
+            "`auto` reads it from the chat template (Hermes when the template says nothing of tools)."
+        ),
+    )
     trust_remote_code: bool = Field(
         default=False, description="Allow model code from the model's repository (hub sources)."
     )

@@ -71,6 +71,11 @@ class PreparedRequest:
     constraint: OutputConstraint | None
     logprobs: int | None
     adapter: str | None
+    # With tools: the call syntax (deployments.tool_calls.FORMATS) the model replica reads
+    # the text with; None reads none.
+    tool_format: str | None = None
+    # Whether special tokens are left out of the text (a format's marker may be one).
+    skip_special_tokens: bool = True
     # Set when nobody waits for the result any more (the client left, the caller timed
     # out, a quota refused it): the engine drops the request's rows at its next step.
     cancelled: threading.Event = dataclasses.field(

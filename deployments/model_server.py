@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from ray import serve
 
-from deployments import metrics
+from deployments import metrics, tool_calls
 from deployments.autoscaling import GenerationLoadReport
 from deployments.config import ModelConfig
 from deployments.engine import PreparedRequest, import_engine_class
@@ -46,11 +46,13 @@ async def collect_result(
     """Joins a request's streamed deltas into its finished result."""
     texts = [""] * prepared.num_return_sequences
     logprobs: list[tuple] = [()] * prepared.num_return_sequences
+    calls: list[tuple] = [()] * prepared.num_return_sequences
     finals: dict[int, SequenceDelta] = {}
     async for deltas in steps:
         for delta in deltas:
             texts[delta.index] += delta.text
             logprobs[delta.index] += delta.logprobs
+            calls[delta.index] += delta.tool_calls
             if delta.finish_reason is not None:
                 finals[delta.index] = delta
     sequences = tuple(
@@ -60,6 +62,7 @@ async def collect_result(
             finish_reason=finals[index].finish_reason,
             completion_tokens=finals[index].completion_tokens,
             logprobs=logprobs[index],
+            tool_calls=tool_calls.join_calls(calls[index]),
         )
         for index in range(prepared.num_return_sequences)
     )
@@ -249,6 +252,9 @@ class ModelServer:
         model = self._served_name(prepared)  # an adapter's metrics are its own
         timings = prepared.timings
         metrics.record_prompt_tokens(model, len(prepared.prompt_token_ids))
+        readers = None
+        if prepared.tool_format is not None:
+            readers = tool_calls.ToolCallReaders(tool_calls.FORMATS[prepared.tool_format], prepared.num_return_sequences)
         with self._load.holding(prepared) as owed:
             try:
                 async for deltas in self._engine.generate(prepared):
@@ -260,7 +266,12 @@ class ModelServer:
                     new_tokens = owed.observe(deltas)
                     if new_tokens:
                         metrics.record_completion_tokens(model, new_tokens)
-                    visible = [delta for delta in deltas if delta.text or delta.finish_reason or delta.logprobs]
+                    if readers is not None:
+                        deltas = readers.read(deltas)
+                    visible = [
+                        delta for delta in deltas
+                        if delta.text or delta.finish_reason or delta.logprobs or delta.tool_calls
+                    ]
                     if visible:
                         yield visible
             finally:

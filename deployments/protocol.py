@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-FinishReason = Literal["length", "stop", "eos"]
+# "tool_calls": the sequence ended after one or more tool calls (chat with tools only).
+FinishReason = Literal["length", "stop", "eos", "tool_calls"]
 
 # Most new tokens one sequence may generate, whichever API and field asked (max_new_tokens,
 # max_tokens, or an HF-style max_length, which is capped here rather than refused).
@@ -21,21 +22,77 @@ DEFAULT_MAX_NEW_TOKENS = 64
 # Tokens a prompt may have beyond one per UTF-8 byte: special tokens, and the markup a
 # chat template puts around each message.
 SPECIAL_TOKENS_ALLOWANCE = 16
+# Bytes a request's tools may add to its prompt beyond their own text: the instructions
+# around them and each tool's JSON wrapping (deployments.tool_calls renders them).
+TOOLS_PROMPT_ALLOWANCE = 1024
+TOOL_WRAPPING_ALLOWANCE = 64
 
 
 # Most alternatives a request may ask to see beside each chosen token.
 MAX_TOP_LOGPROBS = 20
 
-# One chat turn: (role, content).
-ChatMessage = tuple[str, str]
+# Most tool calls one answer may make when parallel calls are allowed: a small model may
+# otherwise repeat a call until its token limit.
+MAX_PARALLEL_TOOL_CALLS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """A function call: by the model in an answer, or an earlier turn's in a conversation.
+    ``arguments`` is JSON text (OpenAI's shape)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn. An assistant turn may carry the tool calls it made (its content
+    then may be empty); a ``tool`` turn is a call's result, naming the call it answers."""
+
+    role: str
+    content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call; ``parameters`` is its arguments' JSON schema (as
+    JSON text, key order kept: it is the order the arguments are generated in)."""
+
+    name: str
+    description: str
+    parameters: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolUse:
+    """The tools of a chat request and how they may be used.
+
+    ``choice``: ``none`` (the tools are not shown to the model, no call is made),
+    ``auto`` (text or calls, the model decides), ``required`` (one call or more), or
+    ``function`` (exactly the tool ``function_name``). ``parallel``: more than one call
+    allowed (up to MAX_PARALLEL_TOOL_CALLS)."""
+
+    tools: tuple[ToolSpec, ...]
+    choice: Literal["none", "auto", "required", "function"] = "auto"
+    function_name: str | None = None
+    parallel: bool = True
+
+    @property
+    def calls_possible(self) -> bool:
+        return bool(self.tools) and self.choice != "none"
 
 
 @dataclasses.dataclass(frozen=True)
 class OutputConstraint:
-    """What a sequence's text must match: a JSON schema (its JSON text) or a regular
-    expression. ``param`` is the request field that asked for it, named in errors."""
+    """What a sequence's text must match: a JSON schema (its JSON text), a regular
+    expression, or a grammar in llguidance's Lark syntax (tool calls). ``param`` is the
+    request field that asked for it, named in errors."""
 
-    kind: Literal["json_schema", "regex"]
+    kind: Literal["json_schema", "regex", "lark"]
     source: str
     param: str
 
@@ -72,6 +129,8 @@ class GenerationParams:
     logprobs: int | None = None
     # A LoRA adapter of the model (the name in its config), or None for the base model.
     adapter: str | None = None
+    # Chat only: the tools the model may call (OpenAI's tools and tool_choice).
+    tool_use: ToolUse | None = None
 
     def new_tokens_bound(self) -> int:
         """Most new tokens each sequence can generate (the model's default counts as
@@ -86,9 +145,19 @@ class GenerationParams:
         """Most tokens (prompt + new) this request can cost, known before tokenizing:
         a BPE token covers at least one byte of text, so a prompt has at most one token
         per UTF-8 byte plus special tokens and chat markup."""
-        texts = [self.prompt] if not self.messages else [content for _, content in self.messages]
+        texts = [self.prompt] if not self.messages else [message_text(message) for message in self.messages]
+        if self.tool_use is not None and self.tool_use.calls_possible:
+            # The tools' definitions are rendered into the prompt too.
+            texts += [tool.name + tool.description + tool.parameters for tool in self.tool_use.tools]
         prompt = sum(len(text.encode()) + SPECIAL_TOKENS_ALLOWANCE for text in texts)
+        if self.tool_use is not None and self.tool_use.calls_possible:
+            prompt += TOOLS_PROMPT_ALLOWANCE + TOOL_WRAPPING_ALLOWANCE * len(self.tool_use.tools)
         return prompt + self.num_return_sequences * self.new_tokens_bound()
+
+
+def message_text(message: ChatMessage) -> str:
+    """Everything of a turn that becomes prompt text (its calls included)."""
+    return message.content + "".join(call.name + call.arguments for call in message.tool_calls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +169,7 @@ class TokenizeParams:
     messages: tuple[ChatMessage, ...] = ()
     add_special_tokens: bool = True  # the tokenizer's own (BOS) around a prompt
     add_generation_prompt: bool = True  # the template's opening of the assistant's turn
+    tool_use: ToolUse | None = None  # tools rendered with the messages (see ToolUse)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,13 +197,26 @@ class TokenLogprobs:
 
 
 @dataclasses.dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a tool call being generated (OpenAI's streamed shape): its first piece
+    has the call's ``id`` and ``name``, the next ones fragments of its ``arguments`` (JSON
+    text; joined, they parse). ``index`` counts the sequence's calls from 0."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class SequenceDelta:
     """New output of one returned sequence since the previous step.
 
     ``finish_reason`` is set on the sequence's last delta; ``completion_tokens`` is the
     running count of tokens generated for this sequence; ``logprobs`` has an entry per
     token generated since the previous delta when the request asked for them (an EOS
-    token has none: it adds no text).
+    token has none: it adds no text). With tools, the text of tool calls arrives as
+    ``tool_calls`` pieces instead of ``text`` (deployments.tool_calls).
     """
 
     index: int
@@ -141,6 +224,7 @@ class SequenceDelta:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprobs, ...] = ()
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +236,7 @@ class SequenceResult:
     finish_reason: FinishReason
     completion_tokens: int
     logprobs: tuple[TokenLogprobs, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
-from deployments.protocol import SequenceDelta
+from deployments.protocol import SequenceDelta, ToolCallDelta
 from serve_app import streaming
 from serve_app.access import AccessControl
 from serve_app.errors import ModelNotFoundError
@@ -29,6 +29,7 @@ from serve_app.openai_schemas import (
     ModelCard,
     ModelList,
     OpenAIUsage,
+    ToolCallOut,
     openai_finish_reason,
 )
 from serve_app.schemas import Usage
@@ -140,7 +141,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
         summary="Chat completion (OpenAI format).",
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        handle = ingress.begin(request, body.model, sum(len(m.text) for m in body.messages), "messages")
+        handle = ingress.begin(request, body.model, body.prompt_chars, "messages")
         response_id = f"chatcmpl-{request.state.request_id}"
         params = body.to_generation_params(request.state.request_id)
         if body.stream:
@@ -153,6 +154,8 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
                 logprobs = ChatLogprobs.of(delta.logprobs).model_dump() if body.logprobs and delta.logprobs else None
                 events = [chunk(delta.index, {"content": delta.text}, None, logprobs)] if delta.text or logprobs else []
+                if delta.tool_calls:
+                    events.append(chunk(delta.index, {"tool_calls": [_tool_call_piece(piece) for piece in delta.tool_calls]}, None))
                 if delta.finish_reason:
                     events.append(chunk(delta.index, {}, openai_finish_reason(delta.finish_reason)))
                 return events
@@ -172,7 +175,10 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             choices=[
                 ChatChoice(
                     index=sequence.index,
-                    message=ChatMessageOut(content=sequence.text),
+                    message=ChatMessageOut(
+                        content=sequence.text or (None if sequence.tool_calls else ""),
+                        tool_calls=[ToolCallOut.of(call) for call in sequence.tool_calls] or None,
+                    ),
                     logprobs=ChatLogprobs.of(sequence.logprobs) if body.logprobs else None,
                     finish_reason=openai_finish_reason(sequence.finish_reason),
                 )
@@ -180,6 +186,14 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             ],
             usage=OpenAIUsage.of(request.state.usage),
         )
+
+
+def _tool_call_piece(piece: ToolCallDelta) -> dict:
+    """OpenAI's streamed shape: the first piece of a call has its id, type and name."""
+    if piece.id is None:
+        return {"index": piece.index, "function": {"arguments": piece.arguments}}
+    return {"index": piece.index, "id": piece.id, "type": "function",
+            "function": {"name": piece.name, "arguments": piece.arguments}}
 
 
 def _chunk(response_id: str, kind: str, model: str, choice: dict, include_usage: bool) -> dict:

@@ -2,12 +2,13 @@
 /v1/models), with OpenAI's field names and defaults.
 
 Parameters OpenAI clients send with neutral values (`best_of` equal to `n`) are
-accepted; asking for what this service does not do (tools, logit bias, prompt log
-probabilities) is a 400 that names the parameter, never a silent ignore.
+accepted; asking for what this service does not do (logit bias, say) is a 400 that
+names the parameter, never a silent ignore.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -15,11 +16,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from deployments.protocol import (
     MAX_REQUEST_NEW_TOKENS,
+    ChatMessage,
     FinishReason,
     GenerationParams,
     OutputConstraint,
     TokenChoice,
     TokenLogprobs,
+    ToolCall,
+    ToolSpec,
+    ToolUse,
 )
 from serve_app.schemas import (
     MAX_NEW_TOKENS_LIMIT,
@@ -49,12 +54,12 @@ StopString = Annotated[Text, StringConstraints(min_length=1, max_length=256)]
 # Most messages in one chat request: the chat template renders each (in Python), so
 # their count, not only their length, costs the model replica time.
 MAX_CHAT_MESSAGES = 1024
-OpenAIFinishReason = Literal["stop", "length"]
+OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 def openai_finish_reason(reason: FinishReason) -> OpenAIFinishReason:
     """OpenAI says `stop` for both a stop sequence and the model's end of text."""
-    return "length" if reason == "length" else "stop"
+    return reason if reason in ("length", "tool_calls") else "stop"
 
 
 class UnsupportedParameterError(ValueError):
@@ -233,21 +238,104 @@ class TextPart(BaseModel):
     text: Text
 
 
+# Most tools one request may list (OpenAI's limit).
+MAX_TOOLS = 128
+ToolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionDefinition(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    name: ToolName = Field(description="The function's name: letters, digits, _ and -, at most 64.")
+    description: str | None = Field(default=None, description="What it does (shown to the model).")
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="Its arguments as a JSON schema of an object; unset: no arguments."
+    )
+    strict: bool | None = Field(default=None, description="Accepted; the arguments always follow the schema.")
+
+
+class ToolDefinition(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`{"type": "function", "function": {"name": ...}}`: call exactly this tool."""
+
+    model_config = REQUEST_CONFIG
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCallIn(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    name: str
+    arguments: Text = Field(description="The call's arguments as JSON text.")
+
+
+class ToolCallIn(BaseModel):
+    """A call an earlier assistant turn made."""
+
+    model_config = REQUEST_CONFIG
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(BaseModel):
     model_config = REQUEST_CONFIG
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(default=None, description="An assistant turn's calls.")
+    tool_call_id: str | None = Field(default=None, description="A tool turn: the call it answers.")
+    # What the openai client sends back when an answer's message is appended as it came.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
+
+    @model_validator(mode="after")
+    def _turn_shape(self) -> "ChatMessageIn":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant turn carries tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool turn (and only a tool turn) names the call it answers in tool_call_id")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant turn with tool_calls may omit it)")
+        return self
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
     @property
     def chat_role(self) -> str:
         """The role as chat templates know it (OpenAI's `developer` is the older `system`)."""
         return "system" if self.role == "developer" else self.role
+
+    def to_message(self) -> ChatMessage:
+        calls = tuple(ToolCall(call.id, call.function.name, call.function.arguments) for call in self.tool_calls or ())
+        return ChatMessage(self.chat_role, self.text, calls, self.tool_call_id)
+
+    @property
+    def length(self) -> int:
+        """Characters of prompt text this turn brings (its calls included)."""
+        return len(self.text) + sum(len(call.function.name) + len(call.function.arguments) for call in self.tool_calls or ())
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -264,27 +352,89 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: TopLogprobs | None = Field(
         default=None, description="With logprobs: the N likeliest tokens at each position too (0..20)."
     )
-    tools: list[dict] | None = Field(default=None, description="Not supported.")
-    tool_choice: Any = Field(default=None, description="Only none.")
-    parallel_tool_calls: bool | None = None
+    tools: list[ToolDefinition] | None = Field(
+        default=None, max_length=MAX_TOOLS, description="Functions the model may call."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="none, auto (the default with tools), required, or a named function."
+    )
+    parallel_tool_calls: bool | None = Field(default=None, description="More than one call per answer (default true).")
 
     @model_validator(mode="after")
     def _chat_only_supported(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise UnsupportedParameterError("top_logprobs", "top_logprobs needs logprobs: true")
-        if self.tools:
-            raise UnsupportedParameterError("tools", "tools are not supported")
-        if self.tool_choice not in (None, "none"):
-            raise UnsupportedParameterError("tool_choice", "tool_choice is not supported")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise UnsupportedParameterError("max_tokens", "give max_completion_tokens or max_tokens, not both")
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        names = [tool.function.name for tool in self.tools or ()]
+        for position, tool in enumerate(self.tools or ()):
+            param = f"tools[{position}].function"
+            if names.index(tool.function.name) != position:
+                raise UnsupportedParameterError(f"{param}.name", f"two tools are named {tool.function.name!r}")
+            parameters = tool.function.parameters
+            if parameters is not None and parameters.get("type", "object") != "object":
+                raise UnsupportedParameterError(
+                    f"{param}.parameters", "parameters must be the JSON schema of an object (type: object)"
+                )
+            try:
+                schema_constraint(self._parameters(tool), f"{param}.parameters")
+            except ValueError as exc:
+                raise UnsupportedParameterError(f"{param}.parameters", str(exc)) from None
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise UnsupportedParameterError(
+                "tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools"
+            )
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise UnsupportedParameterError("tool_choice", "tool_choice needs tools")
+        tool_use = self.tool_use()
+        if tool_use is not None and tool_use.calls_possible and self.response_format and self.response_format.constraint():
+            raise UnsupportedParameterError(
+                "response_format", "response_format with tools needs tool_choice: none (a call is JSON already)"
+            )
+
+    @staticmethod
+    def _parameters(tool: ToolDefinition) -> dict[str, Any]:
+        """The arguments' schema: an object (of no properties when none are given)."""
+        parameters = tool.function.parameters
+        if parameters is None:
+            return {"type": "object", "properties": {}, "additionalProperties": False}
+        return parameters if "type" in parameters else {"type": "object", **parameters}
+
+    @property
+    def prompt_chars(self) -> int:
+        """Characters of prompt text: the turns and the tools' definitions."""
+        tools = sum(len(json.dumps(tool.function.parameters or {})) + len(tool.function.description or "")
+                    for tool in self.tools or ())
+        return sum(message.length for message in self.messages) + tools
+
+    def tool_use(self) -> ToolUse | None:
+        if not self.tools:
+            return None
+        choice, name = self.tool_choice or "auto", None
+        if isinstance(choice, NamedToolChoice):
+            choice, name = "function", choice.function.name
+        specs = tuple(
+            ToolSpec(
+                tool.function.name,
+                tool.function.description or "",
+                schema_constraint(self._parameters(tool), "tools").source,
+            )
+            for tool in self.tools
+        )
+        return ToolUse(specs, choice, name, self.parallel_tool_calls is not False)
 
     def to_generation_params(self, request_id: str) -> GenerationParams:
         """The handle payload; unset max tokens take the model's or service default."""
-        messages = tuple((message.chat_role, message.text) for message in self.messages)
+        messages = tuple(message.to_message() for message in self.messages)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._params(request_id, self.max_completion_tokens or self.max_tokens, messages=messages, logprobs=logprobs)
+        return self._params(
+            request_id, self.max_completion_tokens or self.max_tokens, messages=messages, logprobs=logprobs,
+            tool_use=self.tool_use(),
+        )
 
 
 class PromptTokensDetails(BaseModel):
@@ -342,9 +492,25 @@ class CompletionResponse(BaseModel):
     usage: OpenAIUsage | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text valid against the tool's parameters.")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+    @classmethod
+    def of(cls, call: ToolCall) -> "ToolCallOut":
+        return cls(id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments))
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="The answer's text; null when it made tool calls.")
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatTokenLogprob(BaseModel):

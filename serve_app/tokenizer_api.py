@@ -57,7 +57,7 @@ class TokenizeRequest(BaseModel):
         if self.prompt is not None:
             return TokenizeParams(prompt=self.prompt, add_special_tokens=self.add_special_tokens is not False)
         return TokenizeParams(
-            messages=tuple((message.chat_role, message.text) for message in self.messages),
+            messages=tuple(message.to_message() for message in self.messages),
             add_special_tokens=bool(self.add_special_tokens),
             add_generation_prompt=self.add_generation_prompt,
         )

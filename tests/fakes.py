@@ -100,7 +100,7 @@ class FakeEngine(Engine):
 
     def tokenize(self, params: TokenizeParams) -> list[int]:
         """A token per character (of the messages as "role: content" lines)."""
-        text = "".join(f"{role}: {content}\n" for role, content in params.messages) or params.prompt
+        text = "".join(f"{message.role}: {message.content}\n" for message in params.messages) or params.prompt
         return [ord(c) for c in text]
 
     def detokenize(self, tokens: Sequence[int]) -> str:

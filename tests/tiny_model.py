@@ -14,7 +14,7 @@ from pathlib import Path
 TINY_CONTEXT_LENGTH = 256
 
 
-def build_tiny_model(folder: Path) -> Path:
+def build_tiny_model(folder: Path, context_length: int = TINY_CONTEXT_LENGTH) -> Path:
     """Saves the tiny model with the embedded model's tokenizer into ``folder``.
 
     TEXTGEN_TEST_TOKENIZER names a folder holding just that tokenizer, for machines
@@ -33,7 +33,7 @@ def build_tiny_model(folder: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=TINY_CONTEXT_LENGTH,
+        max_position_embeddings=context_length,
         initializer_range=0.5,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

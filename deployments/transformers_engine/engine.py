@@ -13,9 +13,11 @@ import abc
 import asyncio
 import dataclasses
 import inspect
+import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -24,7 +26,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import torch
 from transformers import GenerationConfig
 
-from deployments import metrics
+from deployments import metrics, tool_calls
 from deployments.config import EMBEDDED_SOURCE, ModelConfig
 from deployments.engine import (
     END_OF_STEPS,
@@ -44,10 +46,12 @@ from deployments.protocol import (
     InvalidRequestError,
     MAX_TOP_LOGPROBS,
     ModelStatus,
+    OutputConstraint,
     SequenceDelta,
     TokenChoice,
     TokenizeParams,
     TokenLogprobs,
+    ToolUse,
 )
 from deployments.text_output import SequenceText
 from deployments.transformers_engine import kv_cache
@@ -335,6 +339,8 @@ class TransformersEngine(Engine):
         self._token_texts: dict[int, str] = {}  # each token's text alone (log probabilities)
         self._context_length = _FALLBACK_CONTEXT_LENGTH
         self._dtype = resolve_dtype(config.dtype, device)
+        self._template_takes_tools = False
+        self._tool_format = tool_calls.FORMATS["hermes"]
         self._arrivals: queue.SimpleQueue[_Admission | None] = queue.SimpleQueue()
         self._scheduler: threading.Thread | None = None
         self._closed = threading.Event()
@@ -353,6 +359,7 @@ class TransformersEngine(Engine):
             torch.set_num_threads(self.config.cpu_threads or os.cpu_count() or 1)
         location = self._model_location()
         self._tokenizer = load_tokenizer(location, self.config.trust_remote_code)
+        self._read_chat_template()
         self._model = model = load_model(location, self.device, self._dtype, self.config.trust_remote_code)
         if self.config.adapters:  # before any forward pass: CUDA graphs capture the wrapped layers
             self._adapters = Adapters(
@@ -395,8 +402,19 @@ class TransformersEngine(Engine):
     def load_frontend(self, state: object) -> None:
         assert isinstance(state, _FrontendState), state
         self._tokenizer = load_tokenizer(self._model_location(), self.config.trust_remote_code)
+        self._read_chat_template()
         self._context_length, self._defaults = state.context_length, state.defaults
         self._grammars = Grammars(self._tokenizer, state.vocab_size, state.eos_token_ids)
+
+    def _read_chat_template(self) -> None:
+        """How tools reach this model: through its template, or the fallback; and the
+        syntax its calls are read in (configured, or what the template teaches)."""
+        template = self._tokenizer.chat_template if isinstance(self._tokenizer.chat_template, str) else None
+        self._template_takes_tools = tool_calls.template_takes_tools(template)
+        configured = self.config.tool_call_format
+        self._tool_format = (
+            tool_calls.format_for_template(template) if configured == "auto" else tool_calls.FORMATS[configured]
+        )
 
     def _model_location(self) -> ModelLocation:
         if self.config.source == EMBEDDED_SOURCE:
@@ -487,8 +505,12 @@ class TransformersEngine(Engine):
                 "(/generate or /v1/completions) instead",
                 param="messages",
             )
+        turns, tools = tool_calls.render_messages(
+            params.messages, params.tool_use, self._tool_format, self._template_takes_tools
+        )
         rendered = self._tokenizer.apply_chat_template(
-            [{"role": role, "content": content} for role, content in params.messages],
+            turns,
+            tools=tools,
             add_generation_prompt=params.add_generation_prompt,
             tokenize=False,
         )
@@ -506,7 +528,10 @@ class TransformersEngine(Engine):
 
     def prepare(self, params: GenerationParams) -> PreparedRequest:
         token_ids = self.tokenize(
-            TokenizeParams(prompt=params.prompt, messages=params.messages, add_special_tokens=not params.messages)
+            TokenizeParams(
+                prompt=params.prompt, messages=params.messages, add_special_tokens=not params.messages,
+                tool_use=params.tool_use,
+            )
         )
         prepared = prepare_request(params, token_ids, self._context_length, self._defaults)
         if prepared.adapter is not None and prepared.adapter not in self.config.adapters:
@@ -514,12 +539,42 @@ class TransformersEngine(Engine):
             raise InvalidRequestError(
                 f"model {self.config.name} has no adapter {prepared.adapter!r}; its adapters: {known}", param="model"
             )
+        if params.tool_use is not None and params.tool_use.calls_possible:
+            prepared = self._with_tool_calls(prepared, params.tool_use)
         if prepared.constraint is not None:
             self._grammars.check(prepared.constraint)
         return prepared
 
-    def _decode_tokens(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+    def _with_tool_calls(self, prepared: PreparedRequest, tool_use: ToolUse) -> PreparedRequest:
+        """The request constrained to the answers ``tool_use`` allows, in the model's
+        call syntax, read back by the replica. Each tool's parameters are compiled
+        alone first, so that a schema that cannot be enforced is named."""
+        for position, tool in enumerate(tool_use.tools):
+            self._grammars.check(
+                OutputConstraint("json_schema", tool.parameters, f"tools[{position}].function.parameters")
+            )
+        grammar = self._tool_format.grammar(tool_use, self._lark_literal)
+        return dataclasses.replace(
+            prepared,
+            constraint=OutputConstraint("lark", grammar, "tools"),
+            tool_format=self._tool_format.name,
+            skip_special_tokens=False,  # a marker may be a special token
+        )
+
+    def _lark_literal(self, text: str) -> str:
+        """``text`` in Lark, each of the tokenizer's special tokens in it as that token
+        (a literal would spell it out of ordinary tokens, which the model never does)."""
+        specials = {token: self._tokenizer.convert_tokens_to_ids(token)
+                    for token in self._tokenizer.all_special_tokens if token and token in text}
+        if not specials:
+            return json.dumps(text, ensure_ascii=False)
+        parts = re.split("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")", text)
+        return " ".join(f"<[{specials[part]}]>" if part in specials else json.dumps(part, ensure_ascii=False)
+                        for part in parts if part)
+
+    def _text_decoder(self, request: PreparedRequest) -> Callable[[Sequence[int]], str]:
+        skip = request.skip_special_tokens
+        return lambda token_ids: self._tokenizer.decode(token_ids, skip_special_tokens=skip)
 
     async def generate(self, request: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
         outputs: asyncio.Queue = asyncio.Queue()
@@ -693,7 +748,7 @@ class TransformersEngine(Engine):
             return None
         cache, admitted = prefill.cache, prefill.admitted
         sequences = [
-            _Sequence(admission, index, self._decode_tokens, self._grammar_of(admission.request))
+            _Sequence(admission, index, self._text_decoder(admission.request), self._grammar_of(admission.request))
             for admission in admitted
             for index in range(admission.request.num_return_sequences)
         ]

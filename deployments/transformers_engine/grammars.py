@@ -84,10 +84,12 @@ class Grammars:
         return template
 
     def _compile(self, constraint: OutputConstraint) -> llguidance.LLMatcher:
-        what = "JSON schema" if constraint.kind == "json_schema" else "regular expression"
+        what = {"json_schema": "JSON schema", "regex": "regular expression", "lark": "grammar"}[constraint.kind]
         try:
             if constraint.kind == "json_schema":
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(constraint.source, defaults=_JSON_DEFAULTS)
+            elif constraint.kind == "lark":
+                grammar = llguidance.LLMatcher.grammar_from_lark(constraint.source)
             else:
                 grammar = llguidance.LLMatcher.grammar_from_regex(constraint.source)
             template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)

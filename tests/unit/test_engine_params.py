@@ -4,7 +4,7 @@ import pytest
 from transformers import GenerationConfig
 
 from deployments.engine import SERVICE_DEFAULTS, SamplingDefaults, prepare_request, sequence_seed
-from deployments.protocol import GenerationParams, InvalidRequestError
+from deployments.protocol import ChatMessage, GenerationParams, InvalidRequestError
 from deployments.transformers_engine.engine import model_sampling_defaults
 
 
@@ -77,6 +77,6 @@ def test_max_length_cannot_ask_for_more_new_tokens_than_the_cap():
 def test_worst_case_tokens_bound_what_a_request_can_cost():
     plain = GenerationParams(prompt="héllo", max_new_tokens=10, num_return_sequences=3)
     assert plain.worst_case_tokens() == len("héllo".encode()) + 16 + 3 * 10
-    chat = GenerationParams(messages=(("system", "be brief"), ("user", "hi")))
+    chat = GenerationParams(messages=(ChatMessage("system", "be brief"), ChatMessage("user", "hi")))
     assert chat.worst_case_tokens() == (8 + 16) + (2 + 16) + 64  # default new tokens
     assert GenerationParams(prompt="x", max_length=9000).new_tokens_bound() == 4096

@@ -127,15 +127,46 @@ def test_invalid_parameters_are_bad_request_errors_naming_the_parameter(client, 
     assert error["type"] == "invalid_request_error" and error["message"]
 
 
-def test_chat_refuses_tools_and_top_logprobs_without_logprobs(client):
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+
+def test_chat_refuses_invalid_tools_and_top_logprobs_without_logprobs(client):
     for kwargs, param in (
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+         "tools[0].function.parameters"),
+        ({"tools": [WEATHER, {"type": "function", "function": {"name": "g", "parameters": {"enum": ["x" * 40000]}}}]},
+         "tools[1].function.parameters"),
+        ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}], **kwargs)
-        assert caught.value.body["param"] == param
+        assert caught.value.body["param"] == param, (kwargs, caught.value.body)
+
+
+@pytest.mark.parametrize(
+    "message, param",
+    [
+        ({"role": "tool", "content": "12 C"}, "messages.1"),
+        ({"role": "user", "content": "x", "tool_call_id": "call_1"}, "messages.1"),
+        ({"role": "user", "content": "x", "tool_calls": [{"id": "c", "type": "function",
+                                                          "function": {"name": "f", "arguments": "{}"}}]}, "messages.1"),
+        ({"role": "assistant"}, "messages.1"),
+        ({"role": "assistant", "content": None, "tool_calls": [{"id": "c", "function": {"name": "f"}}]},
+         "messages.1.tool_calls.0.function.arguments"),
+    ],
+)
+def test_chat_refuses_malformed_tool_turns_naming_the_message(client, message, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}, message])
+    assert caught.value.body["param"] == param, caught.value.body
 
 
 def test_unknown_model_is_not_found_with_openai_code(client):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from deployments.config import ModelConfig
-from deployments.protocol import GenerationParams, InvalidRequestError
+from deployments.protocol import ChatMessage, GenerationParams, InvalidRequestError
 from deployments.transformers_engine import TransformersEngine
 from tests.tiny_model import TINY_CONTEXT_LENGTH
 
@@ -456,7 +456,7 @@ def test_tokenize_gives_what_a_generation_sees_and_detokenize_inverts_it(engine)
     assert prompt_ids == list(engine.prepare(greedy("Once upon a time", max_new_tokens=1)).prompt_token_ids)
     assert engine.detokenize(prompt_ids).endswith("Once upon a time")
     if engine._tokenizer.chat_template:
-        messages = (("user", "Hi"),)
+        messages = (ChatMessage("user", "Hi"),)
         chat = GenerationParams(messages=messages, max_new_tokens=1)
         rendered = engine.tokenize(TokenizeParams(messages=messages, add_special_tokens=False))
         assert rendered == list(engine.prepare(chat).prompt_token_ids)
