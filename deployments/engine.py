@@ -76,6 +76,11 @@ class PreparedRequest:
     tool_format: str | None = None
     # Whether special tokens are left out of the text (a format's marker may be one).
     skip_special_tokens: bool = True
+    # vLLM's extensions (GenerationParams says what each does).
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
     # Set when nobody waits for the result any more (the client left, the caller timed
     # out, a quota refused it): the engine drops the request's rows at its next step.
     cancelled: threading.Event = dataclasses.field(
@@ -131,6 +136,13 @@ def prepare_request(
             param=length_param,
         )
 
+    if params.min_tokens > max_new_tokens:
+        raise InvalidRequestError(
+            f"min_tokens ({params.min_tokens}) exceeds the {max_new_tokens} new tokens this request may "
+            "generate; lower min_tokens or raise the token limit",
+            param="min_tokens",
+        )
+
     def pick(value, default):
         return default if value is None else value
 
@@ -150,6 +162,11 @@ def prepare_request(
         constraint=params.constraint,
         logprobs=params.logprobs,
         adapter=params.adapter,
+        skip_special_tokens=params.skip_special_tokens,
+        ignore_eos=params.ignore_eos,
+        min_tokens=params.min_tokens,
+        stop_token_ids=params.stop_token_ids,
+        include_stop_str_in_output=params.include_stop_str_in_output,
     )
 
 
@@ -267,6 +284,11 @@ class Engine(abc.ABC):
         Raises:
             InvalidRequestError: an id the tokenizer does not have.
         """
+
+    @abc.abstractmethod
+    def tokenizer_info(self) -> dict:
+        """The tokenizer's configuration as JSON (vLLM's /tokenizer_info: what its
+        tokenizer_config.json holds, its class, the chat template)."""
 
     @abc.abstractmethod
     def generate(self, request: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:

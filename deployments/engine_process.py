@@ -198,6 +198,9 @@ class EngineProcess(Engine):
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._frontend.detokenize(tokens)
 
+    def tokenizer_info(self) -> dict:
+        return self._frontend.tokenizer_info()
+
     async def generate(self, request: PreparedRequest) -> AsyncIterator[list[SequenceDelta]]:
         self._raise_if_exited()  # else nobody would ever answer this request
         key = next(self._keys)

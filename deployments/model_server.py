@@ -225,6 +225,10 @@ class ModelServer:
         """The text of ``tokens``; an id the model does not have comes back as a value."""
         return await self._off_the_loop(request_id, self._engine.detokenize, tokens)
 
+    async def tokenizer_info(self) -> dict:
+        """The tokenizer's configuration (vLLM's /tokenizer_info)."""
+        return self._engine.tokenizer_info()
+
     @staticmethod
     async def _off_the_loop(request_id: str, work: Callable[[A], R], argument: A) -> R | InvalidRequestError:
         """``work(argument)`` on a thread; its InvalidRequestError is returned and logged

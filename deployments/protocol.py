@@ -131,6 +131,14 @@ class GenerationParams:
     adapter: str | None = None
     # Chat only: the tools the model may call (OpenAI's tools and tool_choice).
     tool_use: ToolUse | None = None
+    # vLLM's extensions: generate past the model's end of text; allow it (and
+    # stop_token_ids) only after min_tokens; end at any of stop_token_ids; keep special
+    # tokens' text; return the stop string (or stop token) that ended the text.
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def new_tokens_bound(self) -> int:
         """Most new tokens each sequence can generate (the model's default counts as

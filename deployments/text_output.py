@@ -47,8 +47,9 @@ class StopStringFilter:
     a stop string is never released; so only that buffer needs searching.
     """
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], include_stop: bool = False) -> None:
         self._stop = tuple(s for s in stop if s)
+        self._include_stop = include_stop
         self._pending = ""
         self.stopped = False
 
@@ -60,12 +61,14 @@ class StopStringFilter:
         if not self._stop:
             released, self._pending = self._pending, ""
             return released
-        match_at = min(
-            (i for i in (self._pending.find(s) for s in self._stop) if i >= 0), default=-1
+        match_at, matched = min(
+            ((i, -len(s)) for i, s in ((self._pending.find(s), s) for s in self._stop) if i >= 0),
+            default=(-1, 0),
         )
         if match_at >= 0:
             self.stopped = True
-            released, self._pending = self._pending[:match_at], ""
+            end = match_at - matched if self._include_stop else match_at  # the longest stop found there
+            released, self._pending = self._pending[:end], ""
             return released
         hold = self._longest_suffix_starting_a_stop()
         cut = len(self._pending) - hold
@@ -90,9 +93,9 @@ class StopStringFilter:
 class SequenceText:
     """One generated sequence's text: incremental decoding followed by stop strings."""
 
-    def __init__(self, decode: Decode, stop: Sequence[str]) -> None:
+    def __init__(self, decode: Decode, stop: Sequence[str], include_stop: bool = False) -> None:
         self._decoder = IncrementalDecoder(decode)
-        self._filter = StopStringFilter(stop)
+        self._filter = StopStringFilter(stop, include_stop)
 
     @property
     def stopped(self) -> bool:

@@ -97,7 +97,10 @@ class ToolCallFormat:
         options = []
         for position, tool in enumerate(tools):
             parameters = json.loads(tool.parameters)
-            own = {**parameters.pop("$defs", {}), **parameters.pop("definitions", {})}
+            own = {}
+            for key in ("$defs", "definitions"):
+                if isinstance(parameters.get(key), dict):
+                    own.update(parameters.pop(key))
             prefix = f"tool{position}_"
             parameters = _prefixed_refs(parameters, prefix, own)
             parameters.setdefault("additionalProperties", False)

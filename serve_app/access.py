@@ -24,7 +24,7 @@ from deployments.settings import Settings
 from serve_app.args import AuthArgs, RateLimitArgs
 from serve_app.auth import ApiKeyConfigError, ApiKeys, presented_key
 from serve_app.errors import ServiceError, error_response, route_path, speaks_openai
-from serve_app.request_context import SCHEMA_PATHS, route_label
+from serve_app.request_context import PROBE_PATHS, SCHEMA_PATHS, route_label
 from serve_app.rate_limit import (
     Backend,
     Quota,
@@ -37,7 +37,7 @@ from serve_app.rate_limit import (
 logger = logging.getLogger("ray.serve")
 
 # Probes and the schema stay reachable without a key and are never limited.
-OPEN_PATHS = frozenset({"/healthz", "/readyz"}) | SCHEMA_PATHS
+OPEN_PATHS = PROBE_PATHS | SCHEMA_PATHS
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
 

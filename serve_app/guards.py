@@ -10,11 +10,11 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.errors import ServiceError, error_response, route_path, speaks_openai
+from serve_app.request_context import PROBE_PATHS
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# Probes must answer however loaded the replica is.
-_NEVER_SHED = frozenset({"/healthz", "/readyz"})
+
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -88,7 +88,7 @@ class RequestGuardMiddleware:
                 await error_response(413, self._too_large_message(), openai=openai)(scope, receive, send)
                 return
             receive = _replay(body, receive)
-        if route_path(scope) in _NEVER_SHED:  # probes neither wait nor count as load
+        if route_path(scope) in PROBE_PATHS:  # probes must answer however loaded the replica is
             await self.app(scope, receive, send)
             return
         self.in_flight += 1
@@ -117,7 +117,7 @@ class RequestGuardMiddleware:
         return f"request body exceeds {self.max_body_bytes} bytes"
 
     def _refusal(self, scope: Scope) -> tuple[int, str, dict] | None:
-        if self.in_flight >= self.max_concurrent and route_path(scope) not in _NEVER_SHED:
+        if self.in_flight >= self.max_concurrent and route_path(scope) not in PROBE_PATHS:
             return 503, "the service is at capacity; retry shortly", {"Retry-After": "1"}
         if scope.get("method") not in _BODY_METHODS:
             return None

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.metadata
 import logging
 import time
 from collections.abc import Mapping, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import DeploymentStatus, ReplicaState
@@ -33,6 +34,10 @@ from serve_app.schemas import ErrorResponse, GeneratedTokenLogprob, GenerateRequ
 
 logger = logging.getLogger("ray.serve")
 
+try:
+    SERVICE_VERSION = importlib.metadata.version("ray-textgen")
+except importlib.metadata.PackageNotFoundError:  # run from a tree that was not installed
+    SERVICE_VERSION = "unknown"
 READINESS_TIMEOUT_S = 2.0
 # How long a readiness answer is reused: probes from every kubelet and load balancer
 # then cost one look at the models per second per ingress replica, whatever their rate.
@@ -240,6 +245,20 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
     @app.get("/healthz", summary="Liveness: the ingress answers.", responses={500: {"model": ErrorResponse}})
     async def healthz() -> dict:
         return {"status": "ok"}
+
+    # vLLM's probes, which serving benchmarks and gateways check: an empty 200.
+    @app.get("/health", summary="Liveness, as vLLM answers it (empty 200).", responses={500: {"model": ErrorResponse}})
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.api_route("/ping", methods=["GET", "POST"], summary="Liveness (vLLM's, for SageMaker).",
+                   responses={500: {"model": ErrorResponse}})
+    async def ping() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/version", summary="This service's version.", responses=ERROR_RESPONSES)
+    async def version() -> dict:
+        return {"version": SERVICE_VERSION}
 
     @app.get(
         "/readyz",

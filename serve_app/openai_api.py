@@ -32,7 +32,7 @@ from serve_app.openai_schemas import (
     ToolCallOut,
     openai_finish_reason,
 )
-from serve_app.schemas import Usage
+from serve_app.schemas import Usage, usage_of
 
 if TYPE_CHECKING:
     from serve_app.ingress import Ingress
@@ -98,11 +98,15 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             stream, start = await streaming.open_stream(request, access, handle, params)
             token_offsets = [0] * body.n  # where each choice's next token starts
 
+            usage_so_far = _UsageSoFar(start.prompt_tokens, body.n) if body.continuous_usage else None
+
             def chunk(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
                 choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-                return _chunk(response_id, "text_completion", start.model, choice, body.include_usage)
+                return _chunk(response_id, "text_completion", start.model, choice, body.include_usage, usage_so_far)
 
             def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
+                if usage_so_far is not None:
+                    usage_so_far.observe(delta)
                 reason = openai_finish_reason(delta.finish_reason) if delta.finish_reason else None
                 logprobs = None
                 if body.logprobs is not None:
@@ -147,11 +151,15 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
         if body.stream:
             stream, start = await streaming.open_stream(request, access, handle, params)
 
+            usage_so_far = _UsageSoFar(start.prompt_tokens, body.n) if body.continuous_usage else None
+
             def chunk(index: int, delta: dict, finish_reason: str | None, logprobs: dict | None = None) -> dict:
                 choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-                return _chunk(response_id, "chat.completion.chunk", start.model, choice, body.include_usage)
+                return _chunk(response_id, "chat.completion.chunk", start.model, choice, body.include_usage, usage_so_far)
 
             def on_delta(delta: SequenceDelta, usage: Usage | None) -> list[dict]:
+                if usage_so_far is not None:
+                    usage_so_far.observe(delta)
                 logprobs = ChatLogprobs.of(delta.logprobs).model_dump() if body.logprobs and delta.logprobs else None
                 events = [chunk(delta.index, {"content": delta.text}, None, logprobs)] if delta.text or logprobs else []
                 if delta.tool_calls:
@@ -196,10 +204,29 @@ def _tool_call_piece(piece: ToolCallDelta) -> dict:
             "function": {"name": piece.name, "arguments": piece.arguments}}
 
 
-def _chunk(response_id: str, kind: str, model: str, choice: dict, include_usage: bool) -> dict:
-    """One streamed chunk; with include_usage every chunk carries `usage: null`, as at OpenAI."""
+class _UsageSoFar:
+    """A stream's usage as its deltas arrive (vLLM's `continuous_usage_stats`)."""
+
+    def __init__(self, prompt_tokens: int, sequences: int) -> None:
+        self._prompt_tokens = prompt_tokens
+        self._completion_tokens = [0] * sequences
+
+    def observe(self, delta: SequenceDelta) -> None:
+        self._completion_tokens[delta.index] = delta.completion_tokens
+
+    def body(self) -> dict:
+        return OpenAIUsage.of(usage_of(self._prompt_tokens, sum(self._completion_tokens))).model_dump()
+
+
+def _chunk(
+    response_id: str, kind: str, model: str, choice: dict, include_usage: bool, usage_so_far: _UsageSoFar | None = None
+) -> dict:
+    """One streamed chunk; with include_usage every chunk carries `usage: null`, as at
+    OpenAI, or with continuous usage (vLLM's) the usage so far."""
     event = {"id": response_id, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
-    if include_usage:
+    if usage_so_far is not None:
+        event["usage"] = usage_so_far.body()
+    elif include_usage:
         event["usage"] = None
     return event
 

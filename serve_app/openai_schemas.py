@@ -68,6 +68,8 @@ class UnsupportedParameterError(ValueError):
         self.param = param
 
 
+# Most stop token ids one request may give.
+MAX_STOP_TOKEN_IDS = 64
 # Every request model is strict, as /generate's is: `"stream": 0` or `"seed": false` is a
 # 422 naming the field, never silently read as another type.
 REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
@@ -77,6 +79,9 @@ class StreamOptions(BaseModel):
     model_config = REQUEST_CONFIG
 
     include_usage: bool = Field(default=False, description="Send a last chunk with usage.")
+    continuous_usage_stats: bool = Field(
+        default=False, description="vLLM's: every chunk carries the usage so far."
+    )
 
 
 class JSONSchemaFormat(BaseModel):
@@ -143,6 +148,18 @@ class _SamplingRequest(BaseModel):
     response_format: ResponseFormat | None = Field(
         default=None, description="text, json_object or json_schema (enforced while generating)."
     )
+    ignore_eos: bool = Field(default=False, description="Extension: generate past the model's end of text.")
+    min_tokens: int = Field(
+        default=0, ge=0, le=MAX_NEW_TOKENS_LIMIT,
+        description="Extension: the end of text and stop_token_ids are not generated before this many tokens.",
+    )
+    stop_token_ids: list[int] | None = Field(
+        default=None, max_length=MAX_STOP_TOKEN_IDS, description="Extension: these token ids end the text too."
+    )
+    skip_special_tokens: bool = Field(default=True, description="Extension: leave special tokens' text out.")
+    include_stop_str_in_output: bool = Field(
+        default=False, description="Extension: the stop string (or stop token) that ended the text is returned."
+    )
 
     @model_validator(mode="after")
     def _only_supported(self) -> "_SamplingRequest":
@@ -153,6 +170,11 @@ class _SamplingRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise UnsupportedParameterError("stream_options", "stream_options needs stream: true")
         return self
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's rule: usage on every chunk needs include_usage too."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:
@@ -178,6 +200,11 @@ class _SamplingRequest(BaseModel):
             seed=self.seed,
             num_return_sequences=self.n,
             constraint=self.response_format.constraint() if self.response_format else None,
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
             **input_fields,
         )
 

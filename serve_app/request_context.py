@@ -27,6 +27,9 @@ def new_request_id() -> str:
 # FastAPI's schema pages: served by plain Starlette routes, which leave no `route` in
 # the scope.
 SCHEMA_PATHS = frozenset({"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"})
+# Liveness and readiness probes: never counted, limited or shed (vLLM's /health and
+# /ping beside our own).
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/health", "/ping"})
 
 
 def route_label(scope: Scope) -> str:

@@ -81,7 +81,7 @@ class DetokenizeResponse(BaseModel):
 
 
 def add_tokenizer_routes(app: FastAPI, ingress: Ingress, access: AccessControl, responses: dict) -> None:
-    """Registers /tokenize and /detokenize on ``app``."""
+    """Registers /tokenize, /detokenize and /tokenizer_info on ``app``."""
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=responses,
               summary="The token ids of a prompt or a conversation.")
@@ -91,6 +91,12 @@ def add_tokenizer_routes(app: FastAPI, ingress: Ingress, access: AccessControl, 
             request, access, handle, lambda: handle.tokenize.remote(body.to_params(), request.state.request_id)
         )
         return TokenizeResponse(count=len(result.tokens), max_model_len=result.context_length, tokens=list(result.tokens))
+
+    @app.get("/tokenizer_info", responses=responses,
+             summary="The tokenizer's configuration and chat template (vLLM's shape).")
+    async def tokenizer_info(request: Request, model: str | None = None) -> dict:
+        handle = ingress.begin(request, model, 0, "model")
+        return await streaming.ask(request, access, handle, lambda: handle.tokenizer_info.remote())
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=responses,
               summary="The text of token ids.")

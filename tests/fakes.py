@@ -103,6 +103,9 @@ class FakeEngine(Engine):
         text = "".join(f"{message.role}: {message.content}\n" for message in params.messages) or params.prompt
         return [ord(c) for c in text]
 
+    def tokenizer_info(self) -> dict:
+        return {"tokenizer_class": "FakeCharacterTokenizer", "model_max_length": FAKE_CONTEXT_LENGTH}
+
     def detokenize(self, tokens: Sequence[int]) -> str:
         if any(not 0 <= token < 0x110000 for token in tokens):
             raise InvalidRequestError("tokens: not a character", param="tokens")
@@ -198,6 +201,9 @@ class FakeModelHandle:
             return TokenizeResult(tuple(self._engine.tokenize(params)), self._engine.status().context_length)
         except InvalidRequestError as exc:
             return exc
+
+    async def _tokenizer_info(self):
+        return self._engine.tokenizer_info()
 
     async def _detokenize(self, tokens: tuple[int, ...], request_id: str):
         try:

@@ -126,6 +126,20 @@ def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
     return groups
 
 
+def _as_json(value: object) -> object:
+    """``value`` as plain JSON (a tokenizer's AddedToken as its text), or None where it
+    has no JSON form (a config's Python objects)."""
+    if hasattr(value, "content") and isinstance(value.content, str):
+        return value.content
+    if isinstance(value, dict):
+        return {str(key): _as_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_json(item) for item in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return None
+
+
 class _Outbox:
     """Carries a request's steps from the scheduler thread to its caller's event loop,
     at most one hand-over per ``interval_s``: steps in between are merged, the first
@@ -189,11 +203,17 @@ class _Sequence:
     def __init__(
         self, admission: _Admission, index: int, decode: Callable[[Sequence[int]], str], grammar=None
     ) -> None:
+        request = admission.request
         self.admission = admission
         self.index = index
-        self.max_new_tokens = admission.request.max_new_tokens
-        self.text = SequenceText(decode, admission.request.stop)
+        self.max_new_tokens = request.max_new_tokens
+        self.text = SequenceText(decode, request.stop, request.include_stop_str_in_output)
         self.grammar = grammar
+        # A grammar must end where it ends: ignore_eos applies to free rows only.
+        self.ignore_eos = request.ignore_eos and grammar is None
+        self.min_tokens = request.min_tokens
+        self.stop_token_ids = frozenset(request.stop_token_ids)
+        self.include_stop = request.include_stop_str_in_output
         self.logprobs = admission.request.logprobs  # None, or how many alternatives to show
         self.generated = 0
         self.finished = False
@@ -203,10 +223,15 @@ class _Sequence:
     ) -> SequenceDelta:
         """Takes the next token (and its log probabilities, if asked for); returns its
         delta (text possibly empty). A constrained sequence ends as at EOS once its text
-        is complete (nothing but EOS may follow)."""
+        is complete (nothing but EOS may follow); one of ``stop_token_ids`` ends it as a
+        stop string does (its text kept only with include_stop_str_in_output)."""
         self.generated += 1
         finish_reason: FinishReason | None = None
-        if token_id in eos_token_ids:
+        ends = token_id in eos_token_ids and not self.ignore_eos
+        if token_id in self.stop_token_ids and not ends:
+            text = self.text.append(token_id) if self.include_stop else ""
+            text, finish_reason = text + self.text.finish(), "stop"
+        elif ends:
             text, finish_reason = self.text.finish(), "eos"
         else:
             text = self.text.append(token_id)
@@ -221,8 +246,14 @@ class _Sequence:
                 text += self.text.finish()
                 finish_reason = "length"
         self.finished = finish_reason is not None
-        scored = (logprobs,) if logprobs is not None and token_id not in eos_token_ids else ()
+        scored = (logprobs,) if logprobs is not None and not ends else ()
         return SequenceDelta(self.index, text, self.generated, finish_reason, scored)
+
+    @property
+    def masked(self) -> bool:
+        """Whether its next token is restricted: by a grammar, or (before min_tokens) to
+        anything but an end."""
+        return self.grammar is not None or self.generated < self.min_tokens
 
 
 @dataclasses.dataclass
@@ -526,6 +557,18 @@ class TransformersEngine(Engine):
             )
         return self._tokenizer.decode(list(tokens), skip_special_tokens=False)
 
+    def tokenizer_info(self) -> dict:
+        tokenizer = self._tokenizer
+        info = {key: _as_json(value) for key, value in tokenizer.init_kwargs.items() if _as_json(value) is not None}
+        info.update(
+            tokenizer_class=type(tokenizer).__name__,
+            bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
+            unk_token=tokenizer.unk_token, model_max_length=self._context_length,
+        )
+        if isinstance(tokenizer.chat_template, str):
+            info["chat_template"] = tokenizer.chat_template
+        return info
+
     def prepare(self, params: GenerationParams) -> PreparedRequest:
         token_ids = self.tokenize(
             TokenizeParams(
@@ -538,6 +581,12 @@ class TransformersEngine(Engine):
             known = ", ".join(self.config.adapters) or "none"
             raise InvalidRequestError(
                 f"model {self.config.name} has no adapter {prepared.adapter!r}; its adapters: {known}", param="model"
+            )
+        unknown = [token for token in prepared.stop_token_ids if not 0 <= token < self._grammars.vocab_size]
+        if unknown:
+            raise InvalidRequestError(
+                f"stop_token_ids: {unknown[0]} is no token of {self.config.name} (ids are 0 to "
+                f"{self._grammars.vocab_size - 1})", param="stop_token_ids",
             )
         if params.tool_use is not None and params.tool_use.calls_possible:
             prepared = self._with_tool_calls(prepared, params.tool_use)
@@ -777,10 +826,20 @@ class TransformersEngine(Engine):
 
     def allowed_tokens(self, sequences: Sequence[_Sequence]) -> torch.Tensor | None:
         """The rows' next-token bitmask (grammars.Grammars.bitmask), or None when no
-        row is constrained."""
-        if all(sequence.grammar is None for sequence in sequences):
+        row is restricted. A row short of its min_tokens may not end: its EOS and stop
+        token ids are cleared."""
+        if not any(sequence.masked for sequence in sequences):
             return None
-        return self._grammars.bitmask([sequence.grammar for sequence in sequences])
+        mask = self._grammars.bitmask([sequence.grammar for sequence in sequences])
+        for row, sequence in enumerate(sequences):
+            if sequence.generated < sequence.min_tokens:
+                ends = self._eos_token_ids | sequence.stop_token_ids
+                if sequence.ignore_eos:
+                    ends = sequence.stop_token_ids
+                for token_id in ends:
+                    bit = token_id % 32  # int32 words: bit 31 is the sign
+                    mask[row, token_id // 32] &= ~(1 << bit) if bit < 31 else 0x7FFFFFFF
+        return mask
 
     def _token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
@@ -978,9 +1037,10 @@ class _SlotDecoding(_Decoding):
 
     @torch.inference_mode()
     def step(self) -> None:
-        # A constrained row's mask needs its last token, so while one runs the host does
-        # not work a step behind: every step in flight is handed over first.
-        constrained = any(sequence.grammar is not None for sequence in self.decoder.rows)
+        # A constrained row's mask needs its last token (a min_tokens row, its count), so
+        # while one runs the host does not work a step behind: every step in flight is
+        # handed over first.
+        constrained = any(sequence.masked for sequence in self.decoder.rows)
         if constrained:
             self._hand_over(keep=0)
         launched = bool(self.decoder.rows)

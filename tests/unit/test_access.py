@@ -136,7 +136,12 @@ def test_limit_gives_429_with_retry_after_and_headers_on_counted_routes():
         invalid = client.post("/generate", json={"prompt": ""})
         assert invalid.status_code == 422 and invalid.headers["X-RateLimit-Remaining"] == "0"
         # Probes are never counted, so they report no standing (and cost no store call).
-        assert "X-RateLimit-Limit" not in client.get("/healthz").headers
+        for probe in ("/healthz", "/health", "/ping"):
+            assert "X-RateLimit-Limit" not in client.get(probe).headers
+        assert "X-RateLimit-Limit" not in client.post("/ping").headers
+        # Other utility routes report the standing, as /v1/models does.
+        version = client.get("/version")
+        assert version.status_code == 200 and version.headers["X-RateLimit-Remaining"] == "0"
 
 
 def test_invalid_requests_do_not_use_up_the_limit():
@@ -159,6 +164,8 @@ def test_api_keys_gate_and_identify_clients():
         wrong = client.post("/generate", json={"prompt": "a"}, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "not valid" in wrong.json()["error"]["message"]
         assert client.get("/healthz").status_code == 200, "probes need no key"
+        assert client.get("/health").status_code == 200 and client.get("/ping").status_code == 200
+        assert client.get("/tokenizer_info").status_code == 401 and client.get("/version").status_code == 401
 
         def generate(key):
             return client.post("/generate", json={"prompt": "a", "max_new_tokens": 1}, headers={"X-API-Key": key})

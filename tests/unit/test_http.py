@@ -112,6 +112,9 @@ def test_unknown_route_is_json_404(client):
 
 def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
+    # vLLM's probes: an empty 200.
+    for response in (client.get("/health"), client.get("/ping"), client.post("/ping")):
+        assert response.status_code == 200 and response.content == b""
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["models"]["fake"] == {
@@ -424,3 +427,11 @@ def test_a_model_name_may_hold_colons_and_still_have_adapters():
             assert client.post("/generate", json={"prompt": "a", "max_new_tokens": 1, "model": name}).status_code == 200
         assert client.post("/generate", json={"prompt": "a", "model": "llama3"}).status_code == 404
         assert client.post("/generate", json={"prompt": "a", "model": "llama3:8b:nope"}).status_code == 404
+
+
+def test_version_and_tokenizer_info(client):
+    version = client.get("/version")
+    assert version.status_code == 200 and version.json()["version"] not in ("", None)
+    info = client.get("/tokenizer_info")
+    assert info.status_code == 200 and info.json()["tokenizer_class"] == "FakeCharacterTokenizer"
+    assert client.get("/tokenizer_info", params={"model": "nope"}).status_code == 404

@@ -1,11 +1,14 @@
-"""Tool calling through `serve run configs/serve.yaml` with the embedded SmolLM2, driven
-as users drive it: the `openai` client, LangChain's `bind_tools` and structured output,
-and the OpenAI Agents SDK, each with base_url pointed here. Whatever the model chooses,
-every call's arguments parse and validate against its tool's parameters."""
+"""The clients people point at an OpenAI-compatible server, through `serve run
+configs/serve.yaml` with the embedded SmolLM2, driven as their documentation shows with
+base_url pointed here: tool calling with the `openai` client, LangChain's `bind_tools`
+and structured output, and the OpenAI Agents SDK (whatever the model chooses, every
+call's arguments parse and validate against its tool's parameters); a serving
+benchmark's requests (vLLM's extensions) and probes; a harness's tokenizer lookup."""
 
 import asyncio
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -209,3 +212,48 @@ def test_openai_agents_sdk_runs_a_tool_and_answers(served):  # noqa: F811
     result = asyncio.run(Runner.run(agent, "What is the weather like in Paris?", max_turns=4))
     assert called and all(isinstance(city, str) and city for city in called)
     assert isinstance(result.final_output, str) and result.final_output
+
+
+def test_a_serving_benchmarks_stream_gets_exactly_max_tokens_and_usage_on_every_chunk(client):
+    """What guidellm sends: ignore_eos and stream_options.continuous_usage_stats."""
+    stream = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=48, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True},
+    )
+    counts = []
+    for chunk in stream:
+        assert chunk.usage is not None, "every chunk carries the usage so far"
+        counts.append(chunk.usage.completion_tokens)
+    assert counts == sorted(counts) and counts[-1] == 48
+    unstreamed = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=40,
+        temperature=0, extra_body={"ignore_eos": True},
+    )
+    assert unstreamed.usage.completion_tokens == 40 and unstreamed.choices[0].finish_reason == "length"
+    short = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=40,
+        temperature=0,
+    )
+    assert short.usage.completion_tokens < 40, "without ignore_eos the model ends its answer"
+
+
+def test_vllm_sampling_extensions_and_still_strict_on_unknown_fields(client):
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    kept = client.chat.completions.create(
+        model=MODEL, messages=question, max_tokens=20, temperature=0,
+        extra_body={"stop": ["Paris"], "include_stop_str_in_output": True, "min_tokens": 2},
+    )
+    assert kept.choices[0].message.content.endswith("Paris")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=question, extra_body={"guided_choice": ["a"]})
+    assert refused.value.body["param"] == "guided_choice" and "unknown field" in refused.value.body["message"]
+
+
+def test_probes_version_and_tokenizer_info(served):  # noqa: F811
+    for method, path in (("GET", "/health"), ("GET", "/ping"), ("POST", "/ping")):
+        response = httpx.request(method, f"{served.url}{path}", timeout=30)
+        assert response.status_code == 200 and response.content == b""
+    assert httpx.get(f"{served.url}/version", timeout=30).json()["version"]
+    info = httpx.get(f"{served.url}/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == "<|im_end|>" and "<|im_start|>" in info["chat_template"]
+    assert info["tokenizer_class"] and info["model_max_length"] == 8192
