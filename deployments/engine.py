@@ -81,6 +81,8 @@ class PreparedRequest:
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
+    echo: bool = False
+    prompt_logprobs: int | None = None
     # Set when nobody waits for the result any more (the client left, the caller timed
     # out, a quota refused it): the engine drops the request's rows at its next step.
     cancelled: threading.Event = dataclasses.field(
@@ -125,6 +127,8 @@ def prepare_request(
         max_new_tokens = (
             params.max_new_tokens if params.max_new_tokens is not None else defaults.max_new_tokens
         )
+        if max_new_tokens == 0 and not params.echo:
+            raise InvalidRequestError("0 new tokens returns nothing without echo", param="max_new_tokens")
     # One cap for every way of asking (max_length and a model's default included).
     max_new_tokens = min(max_new_tokens, MAX_NEW_TOKENS)
     if prompt_tokens + max_new_tokens > context_length:
@@ -167,6 +171,8 @@ def prepare_request(
         min_tokens=params.min_tokens,
         stop_token_ids=params.stop_token_ids,
         include_stop_str_in_output=params.include_stop_str_in_output,
+        echo=params.echo,
+        prompt_logprobs=params.prompt_logprobs,
     )
 
 
@@ -188,7 +194,11 @@ def merge_steps(earlier: list[SequenceDelta], later: list[SequenceDelta]) -> lis
         before = merged.get(delta.index)
         text = before.text + delta.text if before else delta.text
         logprobs = before.logprobs + delta.logprobs if before else delta.logprobs
-        merged[delta.index] = SequenceDelta(delta.index, text, delta.completion_tokens, delta.finish_reason, logprobs)
+        merged[delta.index] = dataclasses.replace(
+            delta, text=text, logprobs=logprobs,
+            tool_calls=before.tool_calls + delta.tool_calls if before else delta.tool_calls,
+            prompt=before.prompt if before and before.prompt else delta.prompt,
+        )
     return list(merged.values())
 
 

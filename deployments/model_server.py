@@ -48,8 +48,10 @@ async def collect_result(
     logprobs: list[tuple] = [()] * prepared.num_return_sequences
     calls: list[tuple] = [()] * prepared.num_return_sequences
     finals: dict[int, SequenceDelta] = {}
+    prompt = None
     async for deltas in steps:
         for delta in deltas:
+            prompt = prompt or delta.prompt
             texts[delta.index] += delta.text
             logprobs[delta.index] += delta.logprobs
             calls[delta.index] += delta.tool_calls
@@ -67,7 +69,7 @@ async def collect_result(
         for index in range(prepared.num_return_sequences)
     )
     return GenerationResult(
-        model=model, prompt_tokens=len(prepared.prompt_token_ids), sequences=sequences
+        model=model, prompt_tokens=len(prepared.prompt_token_ids), sequences=sequences, prompt=prompt
     )
 
 
@@ -274,7 +276,7 @@ class ModelServer:
                         deltas = readers.read(deltas)
                     visible = [
                         delta for delta in deltas
-                        if delta.text or delta.finish_reason or delta.logprobs or delta.tool_calls
+                        if delta.text or delta.finish_reason or delta.logprobs or delta.tool_calls or delta.prompt
                     ]
                     if visible:
                         yield visible

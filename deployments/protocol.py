@@ -101,7 +101,8 @@ class OutputConstraint:
 class GenerationParams:
     """One generation request as the model deployment sees it.
 
-    The input is ``prompt`` as is, or, when ``messages`` is given, the conversation
+    The input is ``prompt`` as is, ``prompt_token_ids`` (token ids of the model's
+    vocabulary, used as they are), or, when ``messages`` is given, the conversation
     rendered by the model's own chat template. Sampling fields are ``None`` when the
     client did not set them. Precedence of defaults, resolved by the engine: the
     request's value, else the model's own ``generation_config``, else the service
@@ -110,6 +111,7 @@ class GenerationParams:
 
     prompt: str = ""
     messages: tuple[ChatMessage, ...] = ()
+    prompt_token_ids: tuple[int, ...] | None = None
     request_id: str = ""
     max_new_tokens: int | None = None
     # The seed's HF-style ``max_length`` (prompt + new tokens); never set with max_new_tokens.
@@ -139,6 +141,11 @@ class GenerationParams:
     stop_token_ids: tuple[int, ...] = ()
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Return the prompt (its text, and with prompt_logprobs each of its tokens' log
+    # probability with that many alternatives): OpenAI's echo. With echo,
+    # max_new_tokens may be 0: the prompt is scored, nothing is generated.
+    echo: bool = False
+    prompt_logprobs: int | None = None
 
     def new_tokens_bound(self) -> int:
         """Most new tokens each sequence can generate (the model's default counts as
@@ -153,6 +160,8 @@ class GenerationParams:
         """Most tokens (prompt + new) this request can cost, known before tokenizing:
         a BPE token covers at least one byte of text, so a prompt has at most one token
         per UTF-8 byte plus special tokens and chat markup."""
+        if self.prompt_token_ids is not None:
+            return len(self.prompt_token_ids) + self.num_return_sequences * self.new_tokens_bound()
         texts = [self.prompt] if not self.messages else [message_text(message) for message in self.messages]
         if self.tool_use is not None and self.tool_use.calls_possible:
             # The tools' definitions are rendered into the prompt too.
@@ -189,11 +198,12 @@ class TokenizeResult:
 @dataclasses.dataclass(frozen=True)
 class TokenChoice:
     """A token and its log probability under the model (log-softmax of its raw scores,
-    before penalties, temperature, top-k/top-p and structured-output masks)."""
+    before penalties, temperature, top-k/top-p and structured-output masks); None for
+    a prompt's first token, which nothing precedes."""
 
     token_id: int
     token: str  # its text alone (a piece of a character decodes to U+FFFD)
-    logprob: float
+    logprob: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +212,15 @@ class TokenLogprobs:
 
     chosen: TokenChoice
     top: tuple[TokenChoice, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptEcho:
+    """A request's prompt as the model saw it (echo): its text, and when asked each
+    token with its log probability given those before it (the first token's is None)."""
+
+    text: str
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +252,7 @@ class SequenceDelta:
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprobs, ...] = ()
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    prompt: PromptEcho | None = None  # with echo: on the first delta of sequence 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +274,7 @@ class GenerationResult:
     model: str
     prompt_tokens: int
     sequences: tuple[SequenceResult, ...]
+    prompt: PromptEcho | None = None  # with echo
 
     @property
     def completion_tokens(self) -> int:

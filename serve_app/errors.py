@@ -155,11 +155,12 @@ def validation_error_response(
 
 
 def _required_fields(scope: Scope) -> list[str]:
-    """The required fields of the matched route's JSON body, in declaration order."""
+    """The required fields of the matched route's JSON body, in declaration order (or
+    what its model says a body needs, where one of several fields will do)."""
     body_field = getattr(scope.get("route"), "body_field", None)
     model = getattr(getattr(body_field, "field_info", None), "annotation", None)
     fields = getattr(model, "model_fields", {})
-    return [name for name, field in fields.items() if field.is_required()]
+    return list(getattr(model, "BODY_NEEDS", ())) or [name for name, field in fields.items() if field.is_required()]
 
 
 def install_error_handlers(app: FastAPI) -> None:

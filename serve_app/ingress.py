@@ -287,7 +287,7 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
         response_model_exclude_none=True,  # `logprobs` only when asked for
     )
     async def generate(body: GenerateRequest, request: Request):
-        handle = ingress.begin(request, body.model, len(body.prompt), "prompt")
+        handle = ingress.begin(request, body.model, body.prompt_length, "prompt")
         params = body.to_generation_params(request.state.request_id)
         started = time.perf_counter()
         if body.stream:

@@ -89,7 +89,7 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
         summary="Text completion (OpenAI format).",
     )
     async def completions(body: CompletionRequest, request: Request):
-        handle = ingress.begin(request, body.model, sum(len(p) for p in body.prompts), "prompt")
+        handle = ingress.begin(request, body.model, body.prompt_length, "prompt")
         request_id = request.state.request_id
         response_id = f"cmpl-{request_id}"  # the request's one id, OpenAI's prefix
         if body.stream:
@@ -126,16 +126,22 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             request, access, handle,
             *(body.to_generation_params(request_id, prompt) for prompt in body.prompts),
         )
-        choices = [
-            CompletionChoice(
-                index=position * body.n + sequence.index,
-                text=(prompt if body.echo else "") + sequence.text,
-                logprobs=CompletionLogprobs.of(sequence.logprobs) if body.logprobs is not None else None,
-                finish_reason=openai_finish_reason(sequence.finish_reason),
-            )
-            for position, (prompt, result) in enumerate(zip(body.prompts, results, strict=True))
-            for sequence in result.sequences
-        ]
+        choices = []
+        for position, (prompt, result) in enumerate(zip(body.prompts, results, strict=True)):
+            echoed = ""
+            if body.echo:  # a text prompt as sent; token ids as the model's text of them
+                echoed = prompt if isinstance(prompt, str) else result.prompt.text
+            for sequence in result.sequences:
+                logprobs = None
+                if body.logprobs is not None:
+                    prompt_tokens = result.prompt.logprobs if body.echo else ()
+                    logprobs = CompletionLogprobs.of(prompt_tokens + sequence.logprobs)
+                choices.append(CompletionChoice(
+                    index=position * body.n + sequence.index,
+                    text=echoed + sequence.text,
+                    logprobs=logprobs,
+                    finish_reason=openai_finish_reason(sequence.finish_reason),
+                ))
         return CompletionResponse(
             id=response_id, model=results[0].model, choices=choices, usage=OpenAIUsage.of(request.state.usage)
         )

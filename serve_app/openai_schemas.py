@@ -68,6 +68,7 @@ class UnsupportedParameterError(ValueError):
         self.param = param
 
 
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 # Most stop token ids one request may give.
 MAX_STOP_TOKEN_IDS = 64
 # Every request model is strict, as /generate's is: `"stream": 0` or `"seed": false` is a
@@ -212,9 +213,15 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     """Body of POST /v1/completions."""
 
-    prompt: Text | list[Text] = Field(description="A prompt, or up to 4 prompts (choices follow their order).")
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
+        description=(
+            "A prompt, or up to 4 prompts (choices follow their order); each text, or token ids of the "
+            "model's vocabulary (used as they are)."
+        )
+    )
     max_tokens: int | None = Field(
-        default=16, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Most tokens per choice (OpenAI's default, 16)."
+        default=16, ge=0, le=MAX_NEW_TOKENS_LIMIT,
+        description="Most tokens per choice (OpenAI's default, 16); 0 with echo scores the prompt only.",
     )
     echo: bool = Field(default=False, description="Return the prompt before the completion.")
     logprobs: TopLogprobs | None = Field(
@@ -228,13 +235,17 @@ class CompletionRequest(_SamplingRequest):
     def _completion_only_supported(self) -> "CompletionRequest":
         prompts = self.prompts
         if not prompts or len(prompts) > 4 or any(not p for p in prompts):
-            raise UnsupportedParameterError("prompt", "prompt must be 1 to 4 non-empty strings")
+            raise UnsupportedParameterError(
+                "prompt", "prompt must be 1 to 4 prompts, each a non-empty string or a non-empty list of token ids"
+            )
         if self.stream and len(prompts) > 1:
             raise UnsupportedParameterError("prompt", "a stream takes one prompt")
-        if self.logprobs is not None and self.echo:
+        if self.stream and self.echo and (self.logprobs is not None or not isinstance(prompts[0], str)):
             raise UnsupportedParameterError(
-                "echo", "echo with logprobs is not supported: the prompt's log probabilities are not computed"
+                "echo", "echo on a stream takes a text prompt and no logprobs; send stream: false to score a prompt"
             )
+        if self.max_tokens == 0 and not self.echo:
+            raise UnsupportedParameterError("max_tokens", "max_tokens 0 needs echo: true (it scores the prompt only)")
         if self.best_of is not None and self.best_of != self.n:
             raise UnsupportedParameterError("best_of", "best_of is supported only equal to n")
         if self.suffix:
@@ -250,12 +261,27 @@ class CompletionRequest(_SamplingRequest):
         return self
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        """Each prompt: a text, or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and all(isinstance(token, int) for token in self.prompt):
+            return [tuple(self.prompt)]
+        return [item if isinstance(item, str) else tuple(item) for item in self.prompt]
 
-    def to_generation_params(self, request_id: str, prompt: str) -> GenerationParams:
-        """The handle payload for one of the prompts (see GenerationParams for defaults)."""
-        return self._params(request_id, self.max_tokens, prompt=prompt, logprobs=self.logprobs)
+    @property
+    def prompt_length(self) -> int:
+        """Characters of text prompts, or token ids (a token is one character or more)."""
+        return sum(len(prompt) for prompt in self.prompts)
+
+    def to_generation_params(self, request_id: str, prompt: str | tuple[int, ...]) -> GenerationParams:
+        """The handle payload for one of the prompts (see GenerationParams for defaults).
+        With echo and logprobs, the prompt's tokens are scored too."""
+        text = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+        return self._params(
+            request_id, self.max_tokens, logprobs=self.logprobs, echo=self.echo,
+            prompt_logprobs=self.logprobs if self.echo else None, **text,
+        )
 
 
 class TextPart(BaseModel):
@@ -484,13 +510,15 @@ class CompletionLogprobs(BaseModel):
     """OpenAI's legacy shape: parallel lists, one entry per token."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None] = Field(description="None for a prompt's first token (echo).")
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
 
     @classmethod
     def of(cls, scored: tuple[TokenLogprobs, ...], offset: int = 0) -> "CompletionLogprobs":
-        """``offset``: where the first token starts (text already sent, on a stream)."""
+        """``offset``: where the first token starts (text already sent, on a stream).
+        With echo, ``scored`` begins with the prompt's tokens, the first without a
+        log probability (as OpenAI and vLLM answer: null, and null alternatives)."""
         offsets = []
         for entry in scored:
             offsets.append(offset)
@@ -498,7 +526,10 @@ class CompletionLogprobs(BaseModel):
         return cls(
             tokens=[entry.chosen.token for entry in scored],
             token_logprobs=[entry.chosen.logprob for entry in scored],
-            top_logprobs=[{choice.token: choice.logprob for choice in entry.top} for entry in scored],
+            top_logprobs=[
+                None if entry.chosen.logprob is None else {choice.token: choice.logprob for choice in entry.top}
+                for entry in scored
+            ],
             text_offset=offsets,
         )
 

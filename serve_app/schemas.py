@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from deployments.protocol import (
     MAX_NEW_TOKENS,
@@ -35,6 +35,15 @@ MAX_SCHEMA_CHARS = 32_768
 MAX_REGEX_CHARS = 1_024
 
 
+class PromptFieldError(ValueError):
+    """A rule on several fields, naming the field at fault (the error handler reads
+    ``param``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def schema_constraint(schema: dict[str, Any], param: str) -> OutputConstraint:
     """The constraint of a JSON schema given in field ``param``.
 
@@ -59,12 +68,22 @@ class GenerateRequest(BaseModel):
         },
     )
 
-    prompt: str = Field(min_length=1, description="Text to continue.")
+    # What an empty body is told it needs (prompt_token_ids would do too).
+    BODY_NEEDS: ClassVar[tuple[str, ...]] = ("prompt",)
+
+    prompt: str | None = Field(default=None, min_length=1, description="Text to continue.")
+    prompt_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
+        default=None, min_length=1,
+        description="The prompt as token ids of the model's vocabulary, instead of prompt (used as they are).",
+    )
     max_new_tokens: int | None = Field(
         default=None,
-        ge=1,
+        ge=0,
         le=MAX_NEW_TOKENS_LIMIT,
-        description="Most tokens to generate (default 64, or the model's generation_config).",
+        description=(
+            "Most tokens to generate (default 64, or the model's generation_config); 0 only with "
+            "prompt_logprobs (the prompt is scored, nothing is generated)."
+        ),
     )
     max_length: int | None = Field(
         default=None,
@@ -116,6 +135,29 @@ class GenerateRequest(BaseModel):
         ),
     )
 
+    prompt_logprobs: TopLogprobs | None = Field(
+        default=None,
+        description=(
+            "Return each prompt token's log probability given the tokens before it (the first's is null) "
+            "and those of the N likeliest tokens at its position (0..20); not on a stream."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "GenerateRequest":
+        if (self.prompt is None) == (self.prompt_token_ids is None):
+            raise PromptFieldError("prompt", "give prompt or prompt_token_ids (one of them)")
+        if self.max_new_tokens == 0 and self.prompt_logprobs is None:
+            raise PromptFieldError("max_new_tokens", "max_new_tokens 0 needs prompt_logprobs (it scores the prompt only)")
+        if self.stream and self.prompt_logprobs is not None:
+            raise PromptFieldError("prompt_logprobs", "prompt_logprobs are returned whole: send stream: false")
+        return self
+
+    @property
+    def prompt_length(self) -> int:
+        """Characters of the prompt, or its token ids (a token is one character or more)."""
+        return len(self.prompt) if self.prompt is not None else len(self.prompt_token_ids)
+
     @field_validator("json_schema")
     @classmethod
     def _schema_fits(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -141,7 +183,10 @@ class GenerateRequest(BaseModel):
         """The handle payload. Unset sampling fields stay None: the engine fills them
         from the model's generation_config, then from the service defaults."""
         return GenerationParams(
-            prompt=self.prompt,
+            prompt=self.prompt or "",
+            prompt_token_ids=tuple(self.prompt_token_ids) if self.prompt_token_ids is not None else None,
+            echo=self.prompt_logprobs is not None,
+            prompt_logprobs=self.prompt_logprobs,
             request_id=request_id,
             max_new_tokens=self.max_new_tokens,
             max_length=self.max_length,
@@ -181,6 +226,13 @@ class TokenLogprob(BaseModel):
     logprob: float
 
 
+class PromptTokenLogprob(BaseModel):
+    token: str
+    token_id: int
+    logprob: float | None = Field(description="None for the first token: nothing precedes it.")
+    top_logprobs: list[TokenLogprob]
+
+
 class GeneratedTokenLogprob(TokenLogprob):
     top_logprobs: list[TokenLogprob] = Field(description="The likeliest tokens at this position, best first.")
 
@@ -212,6 +264,9 @@ class GenerateResponse(BaseModel):
     usage: Usage
     generations: list[Generation]
     latency_ms: float
+    prompt_logprobs: list[PromptTokenLogprob] | None = Field(
+        default=None, description="Only when the request asked for prompt_logprobs: one entry per prompt token."
+    )
 
     @classmethod
     def from_result(
@@ -224,7 +279,17 @@ class GenerateResponse(BaseModel):
             )
             for s in result.sequences
         ]
+        prompt_logprobs = None
+        if result.prompt is not None and result.prompt.logprobs:
+            prompt_logprobs = [
+                PromptTokenLogprob(
+                    token=entry.chosen.token, token_id=entry.chosen.token_id, logprob=entry.chosen.logprob,
+                    top_logprobs=[TokenLogprob(token=c.token, token_id=c.token_id, logprob=c.logprob) for c in entry.top],
+                )
+                for entry in result.prompt.logprobs
+            ]
         return cls(
+            prompt_logprobs=prompt_logprobs,
             id=response_id,
             model=result.model,
             text=generations[0].text,

@@ -230,6 +230,6 @@ class FakeModelHandle:
 
     async def _deltas(self, prepared: PreparedRequest):
         async for deltas in self._engine.generate(prepared):
-            visible = [delta for delta in deltas if delta.text or delta.finish_reason]
+            visible = [delta for delta in deltas if delta.text or delta.finish_reason or delta.prompt]
             if visible:
                 yield visible

@@ -47,6 +47,7 @@ from deployments.protocol import (
     MAX_TOP_LOGPROBS,
     ModelStatus,
     OutputConstraint,
+    PromptEcho,
     SequenceDelta,
     TokenChoice,
     TokenizeParams,
@@ -57,6 +58,7 @@ from deployments.text_output import SequenceText
 from deployments.transformers_engine import kv_cache
 from deployments.transformers_engine.grammars import Grammars, mask_disallowed
 from deployments.transformers_engine.lora import Adapters
+from deployments.transformers_engine.prompt_scores import PromptScores
 from deployments.transformers_engine.loading import (
     load_model,
     load_tokenizer,
@@ -214,6 +216,7 @@ class _Sequence:
         self.min_tokens = request.min_tokens
         self.stop_token_ids = frozenset(request.stop_token_ids)
         self.include_stop = request.include_stop_str_in_output
+        self.echo: PromptEcho | None = None  # sent with the first delta (sequence 0 of an echo)
         self.logprobs = admission.request.logprobs  # None, or how many alternatives to show
         self.generated = 0
         self.finished = False
@@ -247,7 +250,8 @@ class _Sequence:
                 finish_reason = "length"
         self.finished = finish_reason is not None
         scored = (logprobs,) if logprobs is not None and not ends else ()
-        return SequenceDelta(self.index, text, self.generated, finish_reason, scored)
+        echo, self.echo = self.echo, None
+        return SequenceDelta(self.index, text, self.generated, finish_reason, scored, prompt=echo)
 
     @property
     def masked(self) -> bool:
@@ -329,6 +333,11 @@ class _Prefill:
     position_ids: torch.Tensor
     done: int = 0  # columns already run
     cache: object = None
+    scores: PromptScores | None = None  # when a request asked for prompt log probabilities
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.input_ids.shape[1]
 
 
 @dataclasses.dataclass
@@ -570,12 +579,21 @@ class TransformersEngine(Engine):
         return info
 
     def prepare(self, params: GenerationParams) -> PreparedRequest:
-        token_ids = self.tokenize(
-            TokenizeParams(
-                prompt=params.prompt, messages=params.messages, add_special_tokens=not params.messages,
-                tool_use=params.tool_use,
+        if params.prompt_token_ids is not None:
+            token_ids = params.prompt_token_ids
+            unknown = next((at for at, token in enumerate(token_ids) if not 0 <= token < len(self._tokenizer)), None)
+            if unknown is not None:
+                raise InvalidRequestError(
+                    f"prompt[{unknown}]: {token_ids[unknown]} is no token of {self.config.name} (ids are 0 to "
+                    f"{len(self._tokenizer) - 1})", param=f"prompt[{unknown}]",
+                )
+        else:
+            token_ids = self.tokenize(
+                TokenizeParams(
+                    prompt=params.prompt, messages=params.messages, add_special_tokens=not params.messages,
+                    tool_use=params.tool_use,
+                )
             )
-        )
         prepared = prepare_request(params, token_ids, self._context_length, self._defaults)
         if prepared.adapter is not None and prepared.adapter not in self.config.adapters:
             known = ", ".join(self.config.adapters) or "none"
@@ -680,8 +698,9 @@ class TransformersEngine(Engine):
                     prefills.extend(self._start_prefills(self._take_admissions(waiting, decoding)))
                 if prefills:
                     prefilled = self._prefill_chunk(prefills[0], whole=not decoding.busy)
-                    if prefilled is not None:
-                        decoding.join(prefilled)
+                    if prefills[0].finished:
+                        if prefilled is not None:  # None: every row ended at its prompt
+                            decoding.join(prefilled)
                         prefills.popleft()  # only now: a failed join fails its requests too
                 decoding.step()
                 self._failures_in_a_row = 0
@@ -757,8 +776,14 @@ class TransformersEngine(Engine):
             admission.request.timings.batch_started_at = started
         if not self._joinable:  # groups join the batch one after another: take the wave whole
             return [self._start_prefill(admitted)] if admitted else []
-        groups = prefill_groups([len(admission.request.prompt_token_ids) for admission in admitted])
-        return [self._start_prefill([admitted[index] for index in group]) for group in groups]
+        # Requests that score their prompts are grouped apart: their groups keep every
+        # position's logits (prompt_scores), which the others need not pay for.
+        prefills = []
+        for scoring in (False, True):
+            wave = [admission for admission in admitted if (admission.request.prompt_logprobs is not None) == scoring]
+            groups = prefill_groups([len(admission.request.prompt_token_ids) for admission in wave])
+            prefills += [self._start_prefill([wave[index] for index in group]) for group in groups]
+        return prefills
 
     def _start_prefill(self, admitted: list[_Admission]) -> _Prefill:
         prompts = [admission.request.prompt_token_ids for admission in admitted]
@@ -770,17 +795,24 @@ class TransformersEngine(Engine):
             attention_mask[row, width - len(prompt) :] = 1
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return _Prefill(admitted, input_ids, attention_mask, position_ids)
+        scores = None
+        if any(admission.request.prompt_logprobs is not None for admission in admitted):
+            scores = PromptScores(
+                [admission.request.prompt_logprobs for admission in admitted], prompts, self._token_text
+            )
+        return _Prefill(admitted, input_ids, attention_mask, position_ids, scores=scores)
 
     @torch.inference_mode()
     def _prefill_chunk(self, prefill: _Prefill, whole: bool = False) -> _Prefilled | None:
-        """Runs the next chunk of the prompts (``whole``: all that is left); once the
-        last column has run, returns their rows (one per returned sequence) with their
-        first next-token scores."""
+        """Runs the next chunk of the prompts (``whole``: all that is left; a prefill
+        that scores its prompts keeps to chunks of PromptScores.columns); once the
+        last column has run, returns their rows (see `_prefilled`)."""
         rows, width = prefill.input_ids.shape
         columns = width - prefill.done
         if not whole:
             columns = min(columns, max(1, self.prefill_chunk_tokens // rows))
+        if prefill.scores is not None:
+            columns = min(columns, prefill.scores.columns(rows))
         end = prefill.done + columns
         self._use_adapters([admission.adapter_slot for admission in prefill.admitted])
         output = self._model(
@@ -788,23 +820,48 @@ class TransformersEngine(Engine):
             attention_mask=prefill.attention_mask[:, :end],
             position_ids=prefill.position_ids[:, prefill.done : end],
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if prefill.scores is not None else 1,
             **({self._cache_argument: prefill.cache} if prefill.cache is not None else {}),
         )
         prefill.cache = output[self._cache_argument]  # the output field has the argument's name
+        if prefill.scores is not None:
+            prefill.scores.add_chunk(output.logits, prefill.input_ids, prefill.done)
         prefill.done = end
         if end < width:
             return None
+        return self._prefilled(prefill, output.logits[:, -1, :].float())
+
+    def _prefilled(self, prefill: _Prefill, logits: torch.Tensor) -> _Prefilled | None:
+        """The rows of a prefill whose last chunk has run, one per returned sequence,
+        with their first next-token ``logits``. A request that asked for its prompt
+        gets it with its first delta; one that asked for no new token (echo with
+        max_new_tokens 0) ends here, its prompt scored: None when no row is left."""
         cache, admitted = prefill.cache, prefill.admitted
-        sequences = [
-            _Sequence(admission, index, self._text_decoder(admission.request), self._grammar_of(admission.request))
-            for admission in admitted
-            for index in range(admission.request.num_return_sequences)
-        ]
+        sequences = []
+        for row, admission in enumerate(admitted):
+            request = admission.request
+            echo = None
+            if request.echo:
+                logprobs = prefill.scores.of_row(row) if prefill.scores is not None else None
+                echo = PromptEcho(self._tokenizer.decode(list(request.prompt_token_ids), skip_special_tokens=False),
+                                  logprobs or ())
+            if request.max_new_tokens == 0:
+                admission.deliver([
+                    SequenceDelta(index, "", 0, "length", prompt=echo if index == 0 else None)
+                    for index in range(request.num_return_sequences)
+                ])
+                continue
+            for index in range(request.num_return_sequences):
+                sequence = _Sequence(admission, index, self._text_decoder(request), self._grammar_of(request))
+                sequence.echo = echo if index == 0 else None
+                sequences.append(sequence)
+        if not sequences:
+            return None
         # Each prompt was run once; its cache and scores fan out to its sequences.
         owner = {id(admission): row for row, admission in enumerate(admitted)}
-        fan_out = torch.tensor([owner[id(s.admission)] for s in sequences], device=self.device)
-        if len(sequences) != len(admitted):
+        rows = [owner[id(s.admission)] for s in sequences]
+        fan_out = torch.tensor(rows, device=self.device)
+        if rows != list(range(len(admitted))):
             cache.batch_select_indices(fan_out)
         return _Prefilled(
             sequences=sequences,
@@ -812,7 +869,7 @@ class TransformersEngine(Engine):
             cache=cache,
             attention_mask=prefill.attention_mask[fan_out],
             last_position=prefill.position_ids[fan_out, -1],
-            logits=output.logits[:, -1, :].float()[fan_out],
+            logits=logits[fan_out],
         )
 
     def _use_adapters(self, slots: Sequence[int]) -> None:

@@ -109,7 +109,11 @@ def test_async_client_streams_too(http):
         ({"temperature": 3}, "temperature"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"logprobs": 21}, "logprobs"),
-        ({"logprobs": 2, "echo": True}, "echo"),
+        ({"logprobs": 2, "echo": True, "stream": True}, "echo"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": [[1, 2], []]}, "prompt"),
+        ({"prompt": [-1]}, "prompt"),
         ({"n": 9}, "n"),
         ({"best_of": 3}, "best_of"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -121,7 +125,7 @@ def test_async_client_streams_too(http):
 )
 def test_invalid_parameters_are_bad_request_errors_naming_the_parameter(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model="fake", prompt="a", **kwargs)
+        client.completions.create(**{"model": "fake", "prompt": "a", **kwargs})
     error = caught.value.body
     assert caught.value.status_code == 400 and error["param"] == param
     assert error["type"] == "invalid_request_error" and error["message"]
