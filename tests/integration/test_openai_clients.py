@@ -257,3 +257,51 @@ def test_probes_version_and_tokenizer_info(served):  # noqa: F811
     info = httpx.get(f"{served.url}/tokenizer_info", timeout=30).json()
     assert info["eos_token"] == "<|im_end|>" and "<|im_start|>" in info["chat_template"]
     assert info["tokenizer_class"] and info["model_max_length"] == 8192
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """The embedded model in this process, float32: what a forward pass over the whole
+    text says."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deployments.transformers_engine import prepare_embedded_model
+
+    model = AutoModelForCausalLM.from_pretrained(prepare_embedded_model(), dtype=torch.float32)
+    return model.eval()
+
+
+def test_an_evaluation_harness_scores_token_id_prompts(client, served, reference_model):  # noqa: F811
+    """lm-evaluation-harness's loglikelihood request: token ids, echo, logprobs 1, and
+    max_tokens 0 or 1; the scores are the model's own."""
+    import torch
+
+    ids = httpx.post(f"{served.url}/tokenize", json={"prompt": "The capital of France is Paris"}, timeout=30).json()
+    ids = ids["tokens"]
+    with torch.inference_mode():
+        expected = reference_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    dtype = httpx.get(f"{served.url}/readyz", timeout=30).json()["models"][MODEL]["dtype"]
+    tolerance = 2e-3 if dtype == "float32" else 0.15  # bfloat16 (AMX) rounds its weights
+    for max_tokens in (0, 1):
+        scored = client.completions.create(model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=max_tokens,
+                                           temperature=0)
+        choice = scored.choices[0]
+        assert choice.text.startswith("The capital of France is Paris")
+        logprobs = choice.logprobs
+        assert len(logprobs.tokens) == len(ids) + max_tokens and logprobs.token_logprobs[0] is None
+        assert logprobs.top_logprobs[0] is None and all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+        for position in range(1, len(ids)):
+            assert logprobs.token_logprobs[position] == pytest.approx(
+                expected[position - 1, ids[position]].item(), abs=tolerance
+            )
+        assert scored.usage.prompt_tokens == len(ids) and scored.usage.completion_tokens == max_tokens
+    batch = client.completions.create(model=MODEL, prompt=[ids[:3], ids], echo=True, logprobs=0, max_tokens=0)
+    assert [len(c.logprobs.tokens) for c in batch.choices] == [3, len(ids)]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt=[1, 2, 10**7], max_tokens=1)
+    assert refused.value.body["param"] == "prompt[2]"
+    native = httpx.post(f"{served.url}/generate", json={"prompt_token_ids": ids, "prompt_logprobs": 0,
+                                                        "max_new_tokens": 0}, timeout=60).json()
+    assert [entry["token_id"] for entry in native["prompt_logprobs"]] == ids
+    assert native["prompt_logprobs"][1]["logprob"] == pytest.approx(logprobs.token_logprobs[1], abs=1e-5)
