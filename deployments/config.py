@@ -86,14 +86,17 @@ class ModelConfig(BaseModel):
         ),
     )
     stream_interval_s: float = Field(
-        default=0.25,
+        default=0,
         ge=0,
         le=5,
         description=(
             "Least time between two hand-overs of a request's new tokens from the engine to "
             "its caller (the first and the last go at once); tokens generated meanwhile go "
-            "out together. Each hand-over wakes the replica, the ingress and the proxy, whose "
-            "work stalls torch's threads on a small node; 0 sends every step."
+            "out together. 0 (adaptive) hands each step's tokens over as they are made, "
+            "merging only what piles up while the previous hand-over is still unread: "
+            "measured against 0.25 s, inter-token latency p50 fell from 4x to 1.0x the "
+            "engine's time per token at 1 stream and from 1.9x to 0.95x at 16, with no loss "
+            "of tokens/s (bench/results/streaming_cadence.json)."
         ),
     )
     engine_process: bool = Field(

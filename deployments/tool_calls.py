@@ -118,6 +118,19 @@ class ToolCallFormat:
         return {**schema, "x-guidance": {"whitespace_flexible": False}}
 
 
+def lark_literal(text: str, special_tokens: Mapping[str, int]) -> str:
+    """``text`` in Lark, each of ``special_tokens`` (text -> id) in it as that token:
+    a string literal would spell a special token out of ordinary tokens, which a model
+    never writes."""
+    if not special_tokens:
+        return json.dumps(text, ensure_ascii=False)
+    pattern = "(" + "|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True))) + ")"
+    return " ".join(
+        f"<[{special_tokens[part]}]>" if part in special_tokens else json.dumps(part, ensure_ascii=False)
+        for part in re.split(pattern, text) if part
+    )
+
+
 def _arguments_value(arguments: str) -> Any:
     """A past call's arguments as JSON (a client may have sent text that is not JSON)."""
     try:

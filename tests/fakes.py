@@ -20,10 +20,13 @@ from deployments.protocol import (
     GenerationParams,
     InvalidRequestError,
     ModelStatus,
+    PromptEcho,
     SequenceDelta,
     StreamStart,
+    TokenChoice,
     TokenizeParams,
     TokenizeResult,
+    TokenLogprobs,
 )
 from deployments.text_output import SequenceText
 
@@ -94,9 +97,12 @@ class FakeEngine(Engine):
 
     def prepare(self, params: GenerationParams) -> PreparedRequest:
         time.sleep(self._prepare_s)
-        return prepare_request(
-            params, self.tokenize(TokenizeParams(params.prompt, params.messages)), FAKE_CONTEXT_LENGTH
-        )
+        tokens = params.prompt_token_ids
+        if tokens is None:
+            tokens = self.tokenize(TokenizeParams(params.prompt, params.messages))
+        elif any(not 0 <= token < 0x110000 for token in tokens):
+            raise InvalidRequestError("prompt: not a character", param="prompt")
+        return prepare_request(params, tokens, FAKE_CONTEXT_LENGTH)
 
     def tokenize(self, params: TokenizeParams) -> list[int]:
         """A token per character (of the messages as "role: content" lines)."""
@@ -128,6 +134,17 @@ class FakeEngine(Engine):
             for index in range(request.num_return_sequences)
         ]
         finished: set[int] = set()
+        echo = None
+        if request.echo:  # the prompt's characters, each as likely as can be
+            text = decode(request.prompt_token_ids)
+            scored = tuple(
+                TokenLogprobs(TokenChoice(ord(c), c, None if at == 0 else 0.0)) for at, c in enumerate(text)
+            ) if request.prompt_logprobs is not None else ()
+            echo = PromptEcho(text, scored)
+            if request.max_new_tokens == 0:
+                yield [SequenceDelta(index, "", 0, "length", prompt=echo if index == 0 else None)
+                       for index in range(request.num_return_sequences)]
+                return
         for step in range(request.max_new_tokens):
             await asyncio.sleep(self._step_s)
             if request.cancelled.is_set():
@@ -146,7 +163,8 @@ class FakeEngine(Engine):
                     emitted, reason = emitted + text.finish(), "length"
                 if reason:
                     finished.add(index)
-                out.append(SequenceDelta(index, emitted, step + 1, reason))
+                out.append(SequenceDelta(index, emitted, step + 1, reason, prompt=echo if index == 0 else None))
+            echo = None
             yield out
             if len(finished) == len(rows):
                 return

@@ -13,11 +13,9 @@ import abc
 import asyncio
 import dataclasses
 import inspect
-import json
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from collections import deque
@@ -58,10 +56,11 @@ from deployments.text_output import SequenceText
 from deployments.transformers_engine import kv_cache
 from deployments.transformers_engine.grammars import Grammars, mask_disallowed
 from deployments.transformers_engine.lora import Adapters
-from deployments.transformers_engine.prompt_scores import PromptScores
+from deployments.transformers_engine.prompt_scores import PromptScores, output_layer
 from deployments.transformers_engine.loading import (
     load_model,
     load_tokenizer,
+    tokenizer_config,
     prepare_embedded_model,
     resolve_dtype,
 )
@@ -128,24 +127,12 @@ def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
     return groups
 
 
-def _as_json(value: object) -> object:
-    """``value`` as plain JSON (a tokenizer's AddedToken as its text), or None where it
-    has no JSON form (a config's Python objects)."""
-    if hasattr(value, "content") and isinstance(value.content, str):
-        return value.content
-    if isinstance(value, dict):
-        return {str(key): _as_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_as_json(item) for item in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return None
-
-
 class _Outbox:
     """Carries a request's steps from the scheduler thread to its caller's event loop,
-    at most one hand-over per ``interval_s``: steps in between are merged, the first
-    and any finishing step go at once, an error or a drop flushes what is held.
+    at most one hand-over per ``interval_s``, and none while the previous one has not
+    been taken yet (its caller is busy): steps meanwhile are merged, so a caller that
+    keeps up gets every step as it is made, and a slow one as much as piled up at once.
+    The first and any finishing step go at once; an error or a drop flushes what is held.
 
     Every hand-over wakes the caller's event loop and, in the service, the replica, the
     ingress and the proxy on the way to the client. With the engine inside the replica
@@ -158,6 +145,10 @@ class _Outbox:
         self._loop, self._outputs, self._interval_s = loop, outputs, interval_s
         self._held: list[SequenceDelta] | None = None
         self._last_sent: float | None = None
+        # Hand-overs sent (counted by the scheduler thread) and put on the queue (by the
+        # event loop): each counter has one writer, so no lock is needed.
+        self._sent = 0
+        self._arrived = 0
 
     def deliver(self, item: object) -> None:
         """Takes a step's deltas, an exception or END_OF_STEPS (scheduler thread only)."""
@@ -165,7 +156,7 @@ class _Outbox:
             self._held = merge_steps(self._held, item) if self._held else item
             now = time.monotonic()
             due = self._last_sent is None or now - self._last_sent >= self._interval_s
-            if due or any(delta.finish_reason is not None for delta in item):
+            if (due and not self._in_flight()) or any(delta.finish_reason is not None for delta in item):
                 self._send(self._held)
                 self._held, self._last_sent = None, now
             return
@@ -174,8 +165,18 @@ class _Outbox:
             self._held = None
         self._send(item)
 
+    def _in_flight(self) -> bool:
+        """Whether an earlier hand-over has not reached its caller's queue, or waits
+        there unread (reading a deque's length from this thread is safe)."""
+        return self._arrived < self._sent or self._outputs.qsize() > 0
+
     def _send(self, item: object) -> None:
-        self._loop.call_soon_threadsafe(self._outputs.put_nowait, item)
+        self._sent += 1
+        self._loop.call_soon_threadsafe(self._arrive, item)
+
+    def _arrive(self, item: object) -> None:
+        self._arrived += 1
+        self._outputs.put_nowait(item)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +382,7 @@ class TransformersEngine(Engine):
         self._dtype = resolve_dtype(config.dtype, device)
         self._template_takes_tools = False
         self._tool_format = tool_calls.FORMATS["hermes"]
+        self._output_layer = None  # set at load when prompts can be scored from hidden states
         self._arrivals: queue.SimpleQueue[_Admission | None] = queue.SimpleQueue()
         self._scheduler: threading.Thread | None = None
         self._closed = threading.Event()
@@ -421,6 +423,7 @@ class TransformersEngine(Engine):
         probe = self._probe()
         self._vocab_size = probe.logits.shape[-1]
         self._grammars = Grammars(self._tokenizer, self._vocab_size, self._eos_token_ids)
+        self._output_layer = output_layer(model)
         self._joinable = kv_cache.can_join(probe[self._cache_argument])
         self._decoding = self._choose_decoding(probe)
         self._scheduler = threading.Thread(target=self._schedule_forever, name="textgen-scheduler", daemon=True)
@@ -567,16 +570,7 @@ class TransformersEngine(Engine):
         return self._tokenizer.decode(list(tokens), skip_special_tokens=False)
 
     def tokenizer_info(self) -> dict:
-        tokenizer = self._tokenizer
-        info = {key: _as_json(value) for key, value in tokenizer.init_kwargs.items() if _as_json(value) is not None}
-        info.update(
-            tokenizer_class=type(tokenizer).__name__,
-            bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
-            unk_token=tokenizer.unk_token, model_max_length=self._context_length,
-        )
-        if isinstance(tokenizer.chat_template, str):
-            info["chat_template"] = tokenizer.chat_template
-        return info
+        return tokenizer_config(self._tokenizer, self._context_length)
 
     def prepare(self, params: GenerationParams) -> PreparedRequest:
         if params.prompt_token_ids is not None:
@@ -629,15 +623,9 @@ class TransformersEngine(Engine):
         )
 
     def _lark_literal(self, text: str) -> str:
-        """``text`` in Lark, each of the tokenizer's special tokens in it as that token
-        (a literal would spell it out of ordinary tokens, which the model never does)."""
         specials = {token: self._tokenizer.convert_tokens_to_ids(token)
                     for token in self._tokenizer.all_special_tokens if token and token in text}
-        if not specials:
-            return json.dumps(text, ensure_ascii=False)
-        parts = re.split("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")", text)
-        return " ".join(f"<[{specials[part]}]>" if part in specials else json.dumps(part, ensure_ascii=False)
-                        for part in parts if part)
+        return tool_calls.lark_literal(text, specials)
 
     def _text_decoder(self, request: PreparedRequest) -> Callable[[Sequence[int]], str]:
         skip = request.skip_special_tokens
@@ -811,25 +799,33 @@ class TransformersEngine(Engine):
         columns = width - prefill.done
         if not whole:
             columns = min(columns, max(1, self.prefill_chunk_tokens // rows))
-        if prefill.scores is not None:
-            columns = min(columns, prefill.scores.columns(rows))
+        scored_by_head = prefill.scores is not None and self._output_layer is not None
+        if prefill.scores is not None and not scored_by_head:
+            columns = min(columns, prefill.scores.columns(rows))  # whole logits: a bounded chunk
         end = prefill.done + columns
         self._use_adapters([admission.adapter_slot for admission in prefill.admitted])
-        output = self._model(
+        inputs = dict(
             input_ids=prefill.input_ids[:, prefill.done : end],
             attention_mask=prefill.attention_mask[:, :end],
             position_ids=prefill.position_ids[:, prefill.done : end],
             use_cache=True,
-            logits_to_keep=0 if prefill.scores is not None else 1,
             **({self._cache_argument: prefill.cache} if prefill.cache is not None else {}),
         )
+        if scored_by_head:  # the backbone's states, the head applied by the scorer in chunks
+            output = self._model.get_decoder()(**inputs)
+            states = output.last_hidden_state
+            prefill.scores.add_chunk(states, prefill.input_ids, prefill.done, self._output_layer)
+            last_logits = self._output_layer(states[:, -1, :])
+        else:
+            output = self._model(**inputs, logits_to_keep=0 if prefill.scores is not None else 1)
+            if prefill.scores is not None:
+                prefill.scores.add_chunk(output.logits, prefill.input_ids, prefill.done)
+            last_logits = output.logits[:, -1, :]
         prefill.cache = output[self._cache_argument]  # the output field has the argument's name
-        if prefill.scores is not None:
-            prefill.scores.add_chunk(output.logits, prefill.input_ids, prefill.done)
         prefill.done = end
         if end < width:
             return None
-        return self._prefilled(prefill, output.logits[:, -1, :].float())
+        return self._prefilled(prefill, last_logits.float())
 
     def _prefilled(self, prefill: _Prefill, logits: torch.Tensor) -> _Prefilled | None:
         """The rows of a prefill whose last chunk has run, one per returned sequence,

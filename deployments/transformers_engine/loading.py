@@ -141,3 +141,32 @@ def load_model(
     model.to(device)
     model.eval()
     return model
+
+
+def tokenizer_config(tokenizer, context_length: int) -> dict:
+    """The tokenizer's configuration as JSON, as vLLM's /tokenizer_info answers it: what
+    its tokenizer_config.json holds, its class, special tokens, the served context and
+    the chat template."""
+    info = {key: _as_json(value) for key, value in tokenizer.init_kwargs.items() if _as_json(value) is not None}
+    info.update(
+        tokenizer_class=type(tokenizer).__name__,
+        bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
+        unk_token=tokenizer.unk_token, model_max_length=context_length,
+    )
+    if isinstance(tokenizer.chat_template, str):
+        info["chat_template"] = tokenizer.chat_template
+    return info
+
+
+def _as_json(value: object) -> object:
+    """``value`` as plain JSON (a tokenizer's AddedToken as its text), or None where it
+    has no JSON form (a config's Python objects)."""
+    if hasattr(value, "content") and isinstance(value.content, str):
+        return value.content
+    if isinstance(value, dict):
+        return {str(key): _as_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_json(item) for item in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return None

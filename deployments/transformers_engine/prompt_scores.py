@@ -2,11 +2,18 @@
 each prompt token's log probability given the tokens before it, computed while the
 prompt is prefilled.
 
-Only prefill groups that hold a request asking for them keep every position's logits
-(the others keep the last one alone), and such a group is prefilled in chunks of at most
-SCORING_CHUNK_TOKENS positions (rows x columns), so that no [prompt length, vocab] tensor
-is ever held for a long prompt: a chunk's logits are scored, then dropped. Positions of
-the left padding and rows that did not ask are skipped.
+Only prefill groups that hold a request asking for them score positions (the others
+keep the last position's logits alone). Such a group runs the model's backbone as any
+prefill does and keeps its last hidden states (576 floats a position for SmolLM2, not
+49152 logits); the output layer then turns them into logits SCORING_CHUNK_TOKENS
+positions at a time, each scored and dropped, so no [prompt length, vocab] tensor is
+ever held for a long prompt. (A model whose head does more than its output layer,
+such as Gemma's logit soft-capping, keeps whole logits instead, and its prefill runs
+in chunks of SCORING_CHUNK_TOKENS positions.) Positions of the left padding and rows
+that did not ask are skipped. On 2 EPYC cores, 16 prompts of 512 tokens: whole logits
+in chunks gave 0.58 of plain prefill's tokens/s; backbone states then the head in
+chunks, with logsumexp instead of a whole log-softmax, gave the figure in
+bench/results/prompt_scoring.json.
 """
 
 from __future__ import annotations
@@ -16,11 +23,40 @@ from collections.abc import Callable, Sequence
 import torch
 
 from deployments.protocol import TokenChoice, TokenLogprobs
-from deployments.transformers_engine.sampling import score_rows
 
-# Positions (rows x columns) whose logits one scored prefill chunk holds: 512 x 49152
-# float32 logits are 100 MB, about as much again for their log-softmax.
+# Positions whose logits are held at once while scoring: 512 x 49152 float32 logits are
+# 100 MB.
 SCORING_CHUNK_TOKENS = 512
+# Attributes of a model's config that mean its head does more than its output layer.
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def output_layer(model) -> torch.nn.Module | None:
+    """The model's output layer, when its logits are exactly that plain linear layer of
+    the backbone's last hidden states (then prompts are scored from those states); else
+    None (a soft-capped head, or one a LoRA adapter wraps: its per-row mask expects the
+    batch's shape)."""
+    if any(getattr(model.config, name, None) not in (None, 1.0) for name in _HEAD_TRANSFORMS):
+        return None
+    try:
+        model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None
+    head = model.get_output_embeddings()
+    return head if type(head) is torch.nn.Linear else None
+
+
+def _scores(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """Log probabilities of the ``chosen`` tokens and of the ``top`` likeliest under
+    ``logits`` [positions, vocab]: a logsumexp each, not a whole log-softmax."""
+    logits = logits.float()
+    total = logits.logsumexp(dim=-1)
+    picked = logits.gather(1, chosen[:, None])[:, 0] - total
+    if top == 0:
+        empty = logits.new_zeros(len(logits), 0)
+        return picked, empty, empty.long()
+    best = logits.topk(min(top, logits.shape[-1]), dim=-1)
+    return picked, best.values - total[:, None], best.indices
 
 
 class PromptScores:
@@ -45,26 +81,34 @@ class PromptScores:
             [TokenLogprobs(TokenChoice(prompt[0], token_text(prompt[0]), None))] for prompt in prompts
         ]
 
-    def columns(self, rows: int) -> int:
-        """Most columns one chunk of the group may run."""
+    @staticmethod
+    def columns(rows: int) -> int:
+        """Most columns one chunk may run when whole logits are kept."""
         return max(1, SCORING_CHUNK_TOKENS // rows)
 
-    def add_chunk(self, logits: torch.Tensor, input_ids: torch.Tensor, done: int) -> None:
-        """Scores the prompt tokens that the chunk's ``logits`` [rows, columns, vocab]
-        predict: the logits at column c are the model's scores of the token at c + 1."""
-        columns = min(logits.shape[1], self._width - 1 - done)  # the last column predicts a new token
+    def add_chunk(
+        self, states: torch.Tensor, input_ids: torch.Tensor, done: int, head: torch.nn.Module | None = None
+    ) -> None:
+        """Scores the prompt tokens that a prefill chunk predicts: ``states`` [rows,
+        columns, hidden] are the backbone's last hidden states, made logits by ``head``
+        SCORING_CHUNK_TOKENS positions at a time (without ``head``, ``states`` are the
+        logits). Column c's logits are the model's scores of the token at c + 1."""
+        columns = min(states.shape[1], self._width - 1 - done)  # the last column predicts a new token
         if columns <= 0:
             return
         asking = [row for row, wanted in enumerate(self._wanted) if wanted is not None]
         top = max(self._wanted[row] for row in asking)
-        index = torch.tensor(asking, device=logits.device)
-        targets = input_ids[index, done + 1: done + 1 + columns]
-        chosen, best, best_ids = score_rows(
-            logits[index, :columns].reshape(-1, logits.shape[-1]), targets.reshape(-1), max(top, 1)
-        )
+        index = torch.tensor(asking, device=states.device)
+        targets = input_ids[index, done + 1: done + 1 + columns].reshape(-1)
+        flat = states[index, :columns].reshape(len(targets), -1)
+        parts = []
+        for start in range(0, len(targets), SCORING_CHUNK_TOKENS):
+            chunk = flat[start: start + SCORING_CHUNK_TOKENS]
+            parts.append(_scores(head(chunk) if head is not None else chunk, targets[start: start + SCORING_CHUNK_TOKENS], top))
+        chosen, best, best_ids = (torch.cat([part[i] for part in parts]) for i in range(3))
         chosen = chosen.view(len(asking), columns).tolist()
         best, best_ids = best.view(len(asking), columns, -1).tolist(), best_ids.view(len(asking), columns, -1).tolist()
-        target_ids = targets.tolist()
+        target_ids = targets.view(len(asking), columns).tolist()
         for position, row in enumerate(asking):
             shown = self._wanted[row]
             for column in range(max(0, self._starts[row] - done), columns):  # real tokens only

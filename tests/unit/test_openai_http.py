@@ -238,3 +238,16 @@ def test_a_response_format_that_cannot_be_served_is_a_400_naming_it(client, resp
 def test_usage_says_no_prompt_tokens_were_cached(client):
     completion = client.completions.create(model="fake", prompt="a", max_tokens=2)
     assert completion.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_echo_scores_come_back_in_openais_legacy_shape(client):
+    """The HTTP side of prompt scoring (the fake engine scores each character 0.0): the
+    prompt's tokens first, the first without a log probability, then the completion's."""
+    scored = client.completions.create(model="fake", prompt=[72, 105], echo=True, logprobs=0, max_tokens=0)
+    choice = scored.choices[0]
+    assert choice.text == "Hi" and choice.finish_reason == "length"
+    assert choice.logprobs.tokens == ["H", "i"] and choice.logprobs.token_logprobs == [None, 0.0]
+    assert choice.logprobs.top_logprobs == [None, {}] and choice.logprobs.text_offset == [0, 1]
+    assert scored.usage.prompt_tokens == 2 and scored.usage.completion_tokens == 0
+    both = client.completions.create(model="fake", prompt=[[72], [105, 33]], echo=True, max_tokens=2)
+    assert [c.text[: len(p)] for c, p in zip(both.choices, ["H", "i!"], strict=True)] == ["H", "i!"]

@@ -58,9 +58,12 @@ def assert_scores_match(engine, ids, prompt, top):
         assert [choice.logprob for choice in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
 
 
+@pytest.mark.parametrize("whole_logits", [False, True])
 @pytest.mark.parametrize("chunk", [prompt_scores.SCORING_CHUNK_TOKENS, 7])
-def test_prompt_logprobs_equal_a_forward_pass_beside_other_rows(engine, chunk, monkeypatch):
+def test_prompt_logprobs_equal_a_forward_pass_beside_other_rows(engine, chunk, whole_logits, monkeypatch):
     monkeypatch.setattr(prompt_scores, "SCORING_CHUNK_TOKENS", chunk)  # 7: many chunks, odd edges
+    if whole_logits:  # as for a model whose head soft-caps its logits
+        monkeypatch.setattr(engine, "_output_layer", None)
     prompts = [engine._tokenizer(text)["input_ids"] for text in TEXTS]
     scored = [
         GenerationParams(prompt_token_ids=tuple(ids), echo=True, prompt_logprobs=2, max_new_tokens=0)
@@ -79,6 +82,15 @@ def test_prompt_logprobs_equal_a_forward_pass_beside_other_rows(engine, chunk, m
     assert plain.prompt is None and plain.sequences[0].completion_tokens == 4
     alone = results(engine, GenerationParams(prompt=TEXTS[1], max_new_tokens=3, temperature=0.0))[0]
     assert generated.sequences[0].text == alone.sequences[0].text, "scoring changes no generated token"
+
+
+def test_only_a_plain_output_layer_scores_from_hidden_states(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert prompt_scores.output_layer(model) is model.lm_head
+    model.config.final_logit_softcapping = 30.0
+    assert prompt_scores.output_layer(model) is None
 
 
 def test_out_of_vocabulary_ids_and_nothing_to_return_are_refused(engine):

@@ -4,6 +4,7 @@ however the text is cut, and tools reach the prompt through the template or the
 fallback."""
 
 import asyncio
+import dataclasses
 import json
 
 import jsonschema
@@ -17,6 +18,7 @@ from deployments.protocol import (
     ChatMessage,
     GenerationParams,
     InvalidRequestError,
+    OutputConstraint,
     ToolCall,
     ToolSpec,
     ToolUse,
@@ -241,3 +243,14 @@ def test_a_call_cut_off_by_the_token_limit_is_left_out():
     assert last.finish_reason == "length"
     calls = tool_calls.join_calls(first.tool_calls + last.tool_calls)
     assert [call.name for call in calls] == ["get_weather"]
+
+
+def test_a_marker_that_is_a_special_token_is_generated_as_that_token(engine):
+    assert tool_calls.lark_literal("a<|im_start|>b", {"<|im_start|>": 1}) == '"a" <[1]> "b"'
+    assert tool_calls.lark_literal("<tool_call>\n", {}) == '"<tool_call>\\n"'
+    mistral = dataclasses.replace(tool_calls.FORMATS["mistral"], start="<|im_start|>[")  # as if a special token
+    grammar = mistral.grammar(ToolUse(TOOLS, "required"), engine._lark_literal)
+    assert "<[1]>" in grammar
+    matcher = engine._grammars.matcher(OutputConstraint("lark", grammar, "tools"))
+    call = '[{"name":"add","arguments":{"a":1,"b":2}}]'
+    assert matcher.try_consume_tokens([1, *engine._tokenizer(call, add_special_tokens=False)["input_ids"]]) > 1

@@ -1,6 +1,7 @@
 """The transformers engine on a tiny random model: lengths, stops, seeds, batching."""
 
 import asyncio
+import time
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from deployments.config import ModelConfig
 from deployments.protocol import ChatMessage, GenerationParams, InvalidRequestError
 from deployments.transformers_engine import TransformersEngine
+from deployments.transformers_engine import engine as engine_module
 from tests.tiny_model import TINY_CONTEXT_LENGTH
 
 
@@ -401,6 +403,34 @@ def test_steps_are_handed_over_at_most_once_per_stream_interval(tiny_model_dir):
     assert every_step[0] == 12
     assert held[0] == 2, "the first token, then the other 11 with the finish"
     assert held[1] == every_step[1]
+
+
+def test_steps_pile_up_only_while_the_caller_is_busy(tiny_model_dir):
+    """Interval 0: a caller that takes each step at once gets every step; one that is
+    busy meanwhile gets what piled up as one hand-over, and the same text."""
+    engine = TransformersEngine(ModelConfig(source=str(tiny_model_dir), dtype="float32", stream_interval_s=0), "cpu")
+    engine.load()
+
+    async def consume(busy_s: float):
+        outputs: asyncio.Queue = asyncio.Queue()
+        outbox = engine_module._Outbox(asyncio.get_running_loop(), outputs, 0.0)
+        engine._arrivals.put(engine_module._Admission(engine.prepare(greedy(max_new_tokens=12)), outbox))
+        items, text, finished = 0, "", False
+        while not finished:
+            deltas = await outputs.get()  # what the outbox handed over, unmerged by any reader
+            items += 1
+            text += "".join(delta.text for delta in deltas)
+            finished = deltas[-1].finish_reason is not None
+            if busy_s:
+                await asyncio.to_thread(time.sleep, busy_s)  # the caller's own work, off the loop
+        return items, text
+
+    try:
+        quick, busy = asyncio.run(consume(0.0)), asyncio.run(consume(0.2))
+    finally:
+        engine.close()
+    assert quick[1] == busy[1]
+    assert busy[0] < quick[0], "a busy caller gets merged steps"
 
 
 def test_close_fails_what_is_unfinished_and_stops_the_scheduler(tiny_model_dir):
