@@ -6,7 +6,25 @@ import importlib.metadata
 import os
 import platform
 import socket
+import statistics
+from collections.abc import Callable, Mapping
 from pathlib import Path
+
+
+def interleaved_rounds(
+    loads: Mapping[str, object], rounds: int, measure: Callable[[object], dict], metric: str
+) -> tuple[list[dict], dict[str, float]]:
+    """``measure(load)`` for each load in turn, ``rounds`` times over (so that a drifting
+    machine affects every load alike); returns every result with its round and load,
+    and each load's median of ``metric``. Prints each result as it comes."""
+    results = []
+    for round_number in range(rounds):
+        for name, load in loads.items():
+            result = measure(load)
+            results.append({"round": round_number, "load": name, **result})
+            print(f"round {round_number} {name:>24}: {metric} {result[metric]:.1f}", flush=True)
+    medians = {name: statistics.median(r[metric] for r in results if r["load"] == name) for name in loads}
+    return results, medians
 
 
 def percentile(values: list[float], fraction: float) -> float:

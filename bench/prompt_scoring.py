@@ -17,13 +17,12 @@ import argparse
 import asyncio
 import datetime
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine  # noqa: E402
+from bench.common import interleaved_rounds, machine  # noqa: E402
 from deployments.config import ModelConfig  # noqa: E402
 from deployments.protocol import GenerationParams, TokenizeParams  # noqa: E402
 from deployments.transformers_engine import TransformersEngine  # noqa: E402
@@ -73,15 +72,11 @@ def main() -> None:
     }
     for params in loads.values():  # warm-up
         timed(engine, params)
-    for round_number in range(args.rounds):
-        for name, params in loads.items():
-            seconds = timed(engine, params)
-            tokens_per_s = args.prompts * args.length / seconds
-            record["rounds"].append({"round": round_number, "load": name, "seconds": seconds,
-                                     "prompt_tokens_per_s": tokens_per_s})
-            print(f"round {round_number} {name:>17}: {tokens_per_s:.0f} prompt tokens/s", flush=True)
-    medians = {name: statistics.median(r["prompt_tokens_per_s"] for r in record["rounds"] if r["load"] == name)
-               for name in loads}
+    def measure(params: list[GenerationParams]) -> dict:
+        seconds = timed(engine, params)
+        return {"seconds": seconds, "prompt_tokens_per_s": args.prompts * args.length / seconds}
+
+    record["rounds"], medians = interleaved_rounds(loads, args.rounds, measure, "prompt_tokens_per_s")
     record["median_prompt_tokens_per_s"] = medians
     record["scored_over_prefill"] = round(medians["scored"] / medians["prefill_one_token"], 3)
     print(json.dumps({"median_prompt_tokens_per_s": medians, "scored_over_prefill": record["scored_over_prefill"]}))

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine  # noqa: E402
+from bench.common import interleaved_rounds, machine  # noqa: E402
 from bench.gpu_throughput import ours  # noqa: E402
 from deployments.config import ModelConfig  # noqa: E402
 from deployments.protocol import ChatMessage, GenerationParams, OutputConstraint  # noqa: E402
@@ -90,13 +89,10 @@ def main() -> None:
         "compile": compile_times(engine), "rounds": [],
     }
     print(json.dumps(record["compile"], indent=1), flush=True)
-    for round_number in range(args.rounds):
-        for name, params in loads.items():
-            result = ours(engine, args.clients, args.seconds, args.new_tokens, [params])
-            record["rounds"].append({"round": round_number, "load": name, **result})
-            print(f"round {round_number} {name:>11}: {result['tokens_per_s']:.1f} tok/s", flush=True)
-    medians = {name: statistics.median(r["tokens_per_s"] for r in record["rounds"] if r["load"] == name)
-               for name in loads}
+    record["rounds"], medians = interleaved_rounds(
+        loads, args.rounds, lambda params: ours(engine, args.clients, args.seconds, args.new_tokens, [params]),
+        "tokens_per_s",
+    )
     record["median_tokens_per_s"] = medians
     record["constrained_over_free"] = round(medians["json_schema"] / medians["free"], 3)
     print(f"median free {medians['free']:.1f}, json_schema {medians['json_schema']:.1f} tok/s, "

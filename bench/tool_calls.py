@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine  # noqa: E402
+from bench.common import interleaved_rounds, machine  # noqa: E402
 from bench.gpu_throughput import ours  # noqa: E402
 from deployments.config import ModelConfig  # noqa: E402
 from deployments.protocol import ChatMessage, GenerationParams, ToolSpec, ToolUse  # noqa: E402
@@ -67,13 +67,10 @@ def main() -> None:
         "prompt_tokens": {name: len(engine.prepare(params).prompt_token_ids) for name, params in loads.items()},
         "rounds": [],
     }
-    for round_number in range(args.rounds):
-        for name, params in loads.items():
-            result = ours(engine, args.clients, args.seconds, args.new_tokens, [params])
-            record["rounds"].append({"round": round_number, "load": name, **result})
-            print(f"round {round_number} {name:>14}: {result['tokens_per_s']:.1f} tok/s", flush=True)
-    medians = {name: statistics.median(r["tokens_per_s"] for r in record["rounds"] if r["load"] == name)
-               for name in loads}
+    record["rounds"], medians = interleaved_rounds(
+        loads, args.rounds, lambda params: ours(engine, args.clients, args.seconds, args.new_tokens, [params]),
+        "tokens_per_s",
+    )
     record["median_tokens_per_s"] = medians
     record["required_over_no_tools"] = round(medians["tools_required"] / medians["no_tools"], 3)
     record["auto_over_no_tools"] = round(medians["tools_auto"] / medians["no_tools"], 3)

@@ -11,9 +11,7 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.config import ModelConfig
 from deployments.protocol import GenerationParams, InvalidRequestError, OutputConstraint
-from deployments.transformers_engine import TransformersEngine
 from deployments.transformers_engine.grammars import Grammars, mask_disallowed
 from tests.unit.test_transformers_engine import run
 
@@ -58,15 +56,6 @@ def json_schema(name: str) -> OutputConstraint:
     return OutputConstraint("json_schema", json.dumps(SCHEMAS[name]), "json_schema")
 
 
-@pytest.fixture(scope="module", params=["dynamic", "slots"])
-def engine(tiny_model_dir, request):
-    config = ModelConfig(name="tiny", source=str(tiny_model_dir), dtype="float32", kv_cache=request.param)
-    engine = TransformersEngine(config, "cpu")
-    engine.load()
-    yield engine
-    engine.close()
-
-
 def assert_valid(name: str, text: str) -> None:
     value = json.loads(text)
     if name == "person":
@@ -78,7 +67,7 @@ def assert_valid(name: str, text: str) -> None:
         assert 1 <= len(value) <= 4 and all(isinstance(v, int) and -5 <= v <= 5 for v in value)
 
 
-def test_constrained_rows_match_their_schema_beside_free_rows(engine):
+def test_constrained_rows_match_their_schema_beside_free_rows(tiny_engine):
     requests = [
         *(GenerationParams(prompt=f"Fill {name}", max_new_tokens=200, temperature=0, constraint=json_schema(name))
           for name in SCHEMAS),
@@ -87,7 +76,7 @@ def test_constrained_rows_match_their_schema_beside_free_rows(engine):
           for name in SCHEMAS),
         GenerationParams(prompt="Free text", max_new_tokens=12, temperature=0),
     ]
-    results = run(engine, *requests)
+    results = run(tiny_engine, *requests)
     names = [*SCHEMAS, *SCHEMAS]
     for name, result in zip(names, results, strict=False):
         for text, finish_reason, _ in result.values():
@@ -95,25 +84,25 @@ def test_constrained_rows_match_their_schema_beside_free_rows(engine):
             assert_valid(name, text)
     free_text, finish_reason, _ = results[-1][0]
     assert finish_reason == "length" and not free_text.lstrip().startswith(("{", "["))
-    alone = run(engine, requests[0])
+    alone = run(tiny_engine, requests[0])
     assert alone == results[:1], "a constrained greedy row gets the same text alone and in a batch"
 
 
-def test_a_regular_expression_constrains_the_whole_text(engine):
+def test_a_regular_expression_constrains_the_whole_text(tiny_engine):
     pattern = r"[a-c]{2,5}-[0-9]{3}"
     constraint = OutputConstraint("regex", pattern, "regex")
-    results = run(engine, *(GenerationParams(prompt=f"Code {seed}", max_new_tokens=30, temperature=1.5, seed=seed,
+    results = run(tiny_engine, *(GenerationParams(prompt=f"Code {seed}", max_new_tokens=30, temperature=1.5, seed=seed,
                                              constraint=constraint) for seed in range(4)))
     for [(text, finish_reason, _)] in (result.values() for result in results):
         assert re.fullmatch(pattern, text) and finish_reason == "eos", text
 
 
-def test_stop_strings_and_length_still_end_a_constrained_row(engine):
+def test_stop_strings_and_length_still_end_a_constrained_row(tiny_engine):
     constraint = json_schema("person")
-    [stopped] = run(engine, GenerationParams(prompt="P", max_new_tokens=120, temperature=0, stop=['"age"'],
+    [stopped] = run(tiny_engine, GenerationParams(prompt="P", max_new_tokens=120, temperature=0, stop=['"age"'],
                                              constraint=constraint))
     assert stopped[0][1] == "stop" and stopped[0][0].startswith('{"name":')
-    [cut] = run(engine, GenerationParams(prompt="P", max_new_tokens=5, temperature=0, constraint=constraint))
+    [cut] = run(tiny_engine, GenerationParams(prompt="P", max_new_tokens=5, temperature=0, constraint=constraint))
     assert cut[0][1:] == ("length", 5)
 
 
@@ -126,15 +115,15 @@ def test_stop_strings_and_length_still_end_a_constrained_row(engine):
         (OutputConstraint("regex", "(", "regex"), "unclosed group"),
     ],
 )
-def test_a_constraint_that_cannot_be_enforced_is_refused_before_generation(engine, constraint, reason):
+def test_a_constraint_that_cannot_be_enforced_is_refused_before_generation(tiny_engine, constraint, reason):
     with pytest.raises(InvalidRequestError) as caught:
-        engine.prepare(GenerationParams(prompt="x", max_new_tokens=4, constraint=constraint))
+        tiny_engine.prepare(GenerationParams(prompt="x", max_new_tokens=4, constraint=constraint))
     assert caught.value.param == constraint.param
     assert caught.value.message.startswith(f"{constraint.param}: this ") and reason in caught.value.message
 
 
-def test_each_schema_is_compiled_once(engine):
-    grammars: Grammars = engine._grammars
+def test_each_schema_is_compiled_once(tiny_engine):
+    grammars: Grammars = tiny_engine._grammars
     constraint = OutputConstraint("json_schema", json.dumps({"type": "boolean"}), "json_schema")
     first = grammars._template(constraint)
     assert grammars._template(constraint) is first

@@ -7,10 +7,9 @@ import asyncio
 import pytest
 import torch
 
-from deployments.config import ModelConfig
 from deployments.model_server import collect_result
 from deployments.protocol import GenerationParams, InvalidRequestError
-from deployments.transformers_engine import TransformersEngine, prompt_scores
+from deployments.transformers_engine import prompt_scores
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog",
@@ -19,19 +18,10 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["dynamic", "slots"])
-def engine(tiny_model_dir, request):
-    config = ModelConfig(name="tiny", source=str(tiny_model_dir), dtype="float32", kv_cache=request.param)
-    engine = TransformersEngine(config, "cpu")
-    engine.load()
-    yield engine
-    engine.close()
-
-
-def results(engine, *params: GenerationParams):
+def results(tiny_engine, *params: GenerationParams):
     async def one(p):
-        prepared = engine.prepare(p)
-        return await collect_result("tiny", prepared, engine.generate(prepared))
+        prepared = tiny_engine.prepare(p)
+        return await collect_result("tiny", prepared, tiny_engine.generate(prepared))
 
     async def all_of_them():
         return await asyncio.gather(*(one(p) for p in params))
@@ -39,16 +29,16 @@ def results(engine, *params: GenerationParams):
     return asyncio.run(all_of_them())
 
 
-def reference(engine, ids: list[int]) -> torch.Tensor:
+def reference(tiny_engine, ids: list[int]) -> torch.Tensor:
     """log P(token i | tokens before it) for i >= 1, and the log-softmax rows, from one
     forward pass over the whole text."""
     with torch.inference_mode():
-        logprobs = engine._model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        logprobs = tiny_engine._model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
     return logprobs
 
 
-def assert_scores_match(engine, ids, prompt, top):
-    expected = reference(engine, ids)
+def assert_scores_match(tiny_engine, ids, prompt, top):
+    expected = reference(tiny_engine, ids)
     assert [entry.chosen.token_id for entry in prompt.logprobs] == ids
     assert prompt.logprobs[0].chosen.logprob is None and prompt.logprobs[0].top == ()
     for position, entry in enumerate(prompt.logprobs[1:], start=1):
@@ -60,11 +50,11 @@ def assert_scores_match(engine, ids, prompt, top):
 
 @pytest.mark.parametrize("whole_logits", [False, True])
 @pytest.mark.parametrize("chunk", [prompt_scores.SCORING_CHUNK_TOKENS, 7])
-def test_prompt_logprobs_equal_a_forward_pass_beside_other_rows(engine, chunk, whole_logits, monkeypatch):
+def test_prompt_logprobs_equal_a_forward_pass_beside_other_rows(tiny_engine, chunk, whole_logits, monkeypatch):
     monkeypatch.setattr(prompt_scores, "SCORING_CHUNK_TOKENS", chunk)  # 7: many chunks, odd edges
     if whole_logits:  # as for a model whose head soft-caps its logits
-        monkeypatch.setattr(engine, "_output_layer", None)
-    prompts = [engine._tokenizer(text)["input_ids"] for text in TEXTS]
+        monkeypatch.setattr(tiny_engine, "_output_layer", None)
+    prompts = [tiny_engine._tokenizer(text)["input_ids"] for text in TEXTS]
     scored = [
         GenerationParams(prompt_token_ids=tuple(ids), echo=True, prompt_logprobs=2, max_new_tokens=0)
         for ids in prompts
@@ -72,15 +62,15 @@ def test_prompt_logprobs_equal_a_forward_pass_beside_other_rows(engine, chunk, w
     generating = GenerationParams(prompt_token_ids=tuple(prompts[1]), echo=True, prompt_logprobs=0,
                                   max_new_tokens=3, temperature=0.0, num_return_sequences=2)
     free = GenerationParams(prompt=TEXTS[0], max_new_tokens=4, temperature=0.0)
-    *only_scored, generated, plain = results(engine, *scored, generating, free)
+    *only_scored, generated, plain = results(tiny_engine, *scored, generating, free)
     for ids, result in zip(prompts, only_scored, strict=True):
         assert [s.completion_tokens for s in result.sequences] == [0] and result.sequences[0].finish_reason == "length"
-        assert_scores_match(engine, ids, result.prompt, top=2)
-        assert result.prompt.text == engine._tokenizer.decode(ids)
-    assert_scores_match(engine, prompts[1], generated.prompt, top=0)
+        assert_scores_match(tiny_engine, ids, result.prompt, top=2)
+        assert result.prompt.text == tiny_engine._tokenizer.decode(ids)
+    assert_scores_match(tiny_engine, prompts[1], generated.prompt, top=0)
     assert [s.completion_tokens for s in generated.sequences] == [3, 3]
     assert plain.prompt is None and plain.sequences[0].completion_tokens == 4
-    alone = results(engine, GenerationParams(prompt=TEXTS[1], max_new_tokens=3, temperature=0.0))[0]
+    alone = results(tiny_engine, GenerationParams(prompt=TEXTS[1], max_new_tokens=3, temperature=0.0))[0]
     assert generated.sequences[0].text == alone.sequences[0].text, "scoring changes no generated token"
 
 
@@ -93,10 +83,10 @@ def test_only_a_plain_output_layer_scores_from_hidden_states(tiny_model_dir):
     assert prompt_scores.output_layer(model) is None
 
 
-def test_out_of_vocabulary_ids_and_nothing_to_return_are_refused(engine):
+def test_out_of_vocabulary_ids_and_nothing_to_return_are_refused(tiny_engine):
     with pytest.raises(InvalidRequestError) as refused:
-        engine.prepare(GenerationParams(prompt_token_ids=(1, 2, 10**6), max_new_tokens=1))
+        tiny_engine.prepare(GenerationParams(prompt_token_ids=(1, 2, 10**6), max_new_tokens=1))
     assert refused.value.param == "prompt[2]"
     with pytest.raises(InvalidRequestError) as refused:
-        engine.prepare(GenerationParams(prompt_token_ids=(1, 2), max_new_tokens=0))
+        tiny_engine.prepare(GenerationParams(prompt_token_ids=(1, 2), max_new_tokens=0))
     assert refused.value.param == "max_new_tokens"
