@@ -246,13 +246,19 @@ def create_api(ingress: Ingress, access: AccessControl) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    # vLLM's probes, which serving benchmarks and gateways check: an empty 200.
-    @app.get("/health", summary="Liveness, as vLLM answers it (empty 200).", responses={500: {"model": ErrorResponse}})
+    # vLLM's probes, which serving benchmarks and gateways check: an empty 200 (and so
+    # documented: no JSON body).
+    empty_200 = {200: {"description": "An empty body.", "content": None}, 500: {"model": ErrorResponse}}
+
+    @app.get("/health", summary="Liveness, as vLLM answers it (empty 200).", response_class=Response,
+             responses=empty_200)
     async def health() -> Response:
         return Response(status_code=200)
 
-    @app.api_route("/ping", methods=["GET", "POST"], summary="Liveness (vLLM's, for SageMaker).",
-                   responses={500: {"model": ErrorResponse}})
+    @app.get("/ping", summary="Liveness (vLLM's, for SageMaker).", response_class=Response,
+             responses=empty_200, operation_id="ping_get")
+    @app.post("/ping", summary="Liveness (vLLM's, for SageMaker).", response_class=Response,
+              responses=empty_200, operation_id="ping_post")
     async def ping() -> Response:
         return Response(status_code=200)
 
