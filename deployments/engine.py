@@ -81,7 +81,6 @@ class PreparedRequest:
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
-    echo: bool = False
     prompt_logprobs: int | None = None
     # Set when nobody waits for the result any more (the client left, the caller timed
     # out, a quota refused it): the engine drops the request's rows at its next step.
@@ -171,7 +170,6 @@ def prepare_request(
         min_tokens=params.min_tokens,
         stop_token_ids=params.stop_token_ids,
         include_stop_str_in_output=params.include_stop_str_in_output,
-        echo=params.echo,
         prompt_logprobs=params.prompt_logprobs,
     )
 
@@ -197,7 +195,7 @@ def merge_steps(earlier: list[SequenceDelta], later: list[SequenceDelta]) -> lis
         merged[delta.index] = dataclasses.replace(
             delta, text=text, logprobs=logprobs,
             tool_calls=before.tool_calls + delta.tool_calls if before else delta.tool_calls,
-            prompt=before.prompt if before and before.prompt else delta.prompt,
+            prompt_logprobs=before.prompt_logprobs if before and before.prompt_logprobs else delta.prompt_logprobs,
         )
     return list(merged.values())
 

@@ -48,10 +48,10 @@ async def collect_result(
     logprobs: list[tuple] = [()] * prepared.num_return_sequences
     calls: list[tuple] = [()] * prepared.num_return_sequences
     finals: dict[int, SequenceDelta] = {}
-    prompt = None
+    prompt_logprobs: tuple = ()
     async for deltas in steps:
         for delta in deltas:
-            prompt = prompt or delta.prompt
+            prompt_logprobs = prompt_logprobs or delta.prompt_logprobs
             texts[delta.index] += delta.text
             logprobs[delta.index] += delta.logprobs
             calls[delta.index] += delta.tool_calls
@@ -69,7 +69,8 @@ async def collect_result(
         for index in range(prepared.num_return_sequences)
     )
     return GenerationResult(
-        model=model, prompt_tokens=len(prepared.prompt_token_ids), sequences=sequences, prompt=prompt
+        model=model, prompt_tokens=len(prepared.prompt_token_ids), sequences=sequences,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -174,7 +175,13 @@ class ModelServer:
         if isinstance(prepared, InvalidRequestError):
             return prepared
         async with contextlib.aclosing(self._serve(prepared)) as steps:
-            return await collect_result(self._served_name(prepared), prepared, steps)
+            result = await collect_result(self._served_name(prepared), prepared, steps)
+        if params.echo and params.prompt_token_ids is not None:
+            # The text an echo returns for token ids (a text prompt is echoed as sent),
+            # decoded here, off the loop, rather than on the engine's scheduler thread.
+            text = await asyncio.to_thread(self._engine.detokenize, params.prompt_token_ids)
+            result = dataclasses.replace(result, prompt_text=text)
+        return result
 
     async def generate_stream(
         self, params: GenerationParams
@@ -276,7 +283,7 @@ class ModelServer:
                         deltas = readers.read(deltas)
                     visible = [
                         delta for delta in deltas
-                        if delta.text or delta.finish_reason or delta.logprobs or delta.tool_calls or delta.prompt
+                        if delta.text or delta.finish_reason or delta.logprobs or delta.tool_calls or delta.prompt_logprobs
                     ]
                     if visible:
                         yield visible

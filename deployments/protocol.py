@@ -215,15 +215,6 @@ class TokenLogprobs:
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptEcho:
-    """A request's prompt as the model saw it (echo): its text, and when asked each
-    token with its log probability given those before it (the first token's is None)."""
-
-    text: str
-    logprobs: tuple[TokenLogprobs, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
 class ToolCallDelta:
     """A piece of a tool call being generated (OpenAI's streamed shape): its first piece
     has the call's ``id`` and ``name``, the next ones fragments of its ``arguments`` (JSON
@@ -252,7 +243,9 @@ class SequenceDelta:
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprobs, ...] = ()
     tool_calls: tuple[ToolCallDelta, ...] = ()
-    prompt: PromptEcho | None = None  # with echo: on the first delta of sequence 0
+    # With prompt_logprobs, on sequence 0's first delta: each prompt token with its log
+    # probability given those before it (the first token's is None).
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +267,8 @@ class GenerationResult:
     model: str
     prompt_tokens: int
     sequences: tuple[SequenceResult, ...]
-    prompt: PromptEcho | None = None  # with echo
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # see SequenceDelta
+    prompt_text: str | None = None  # with echo of a token-id prompt: the model's text of it
 
     @property
     def completion_tokens(self) -> int:

@@ -130,11 +130,11 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
         for position, (prompt, result) in enumerate(zip(body.prompts, results, strict=True)):
             echoed = ""
             if body.echo:  # a text prompt as sent; token ids as the model's text of them
-                echoed = prompt if isinstance(prompt, str) else result.prompt.text
+                echoed = prompt if isinstance(prompt, str) else result.prompt_text
             for sequence in result.sequences:
                 logprobs = None
                 if body.logprobs is not None:
-                    prompt_tokens = result.prompt.logprobs if body.echo else ()
+                    prompt_tokens = result.prompt_logprobs if body.echo else ()
                     logprobs = CompletionLogprobs.of(prompt_tokens + sequence.logprobs)
                 choices.append(CompletionChoice(
                     index=position * body.n + sequence.index,

@@ -8,11 +8,10 @@ names the parameter, never a silent ignore.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, model_validator
 
 from deployments.protocol import (
     MAX_REQUEST_NEW_TOKENS,
@@ -412,6 +411,7 @@ class ChatCompletionRequest(_SamplingRequest):
         default=None, description="none, auto (the default with tools), required, or a named function."
     )
     parallel_tool_calls: bool | None = Field(default=None, description="More than one call per answer (default true).")
+    _tool_use: ToolUse | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _chat_only_supported(self) -> "ChatCompletionRequest":
@@ -423,7 +423,10 @@ class ChatCompletionRequest(_SamplingRequest):
         return self
 
     def _check_tools(self) -> None:
+        """Validates the tools and keeps them as the handle payload's ToolUse (each
+        schema turned into JSON text once)."""
         names = [tool.function.name for tool in self.tools or ()]
+        specs = []
         for position, tool in enumerate(self.tools or ()):
             param = f"tools[{position}].function"
             if names.index(tool.function.name) != position:
@@ -434,17 +437,23 @@ class ChatCompletionRequest(_SamplingRequest):
                     f"{param}.parameters", "parameters must be the JSON schema of an object (type: object)"
                 )
             try:
-                schema_constraint(self._parameters(tool), f"{param}.parameters")
+                schema = schema_constraint(self._parameters(tool), f"{param}.parameters").source
             except ValueError as exc:
                 raise UnsupportedParameterError(f"{param}.parameters", str(exc)) from None
+            specs.append(ToolSpec(tool.function.name, tool.function.description or "", schema))
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
             raise UnsupportedParameterError(
                 "tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools"
             )
         if self.tool_choice not in (None, "none") and not self.tools:
             raise UnsupportedParameterError("tool_choice", "tool_choice needs tools")
-        tool_use = self.tool_use()
-        if tool_use is not None and tool_use.calls_possible and self.response_format and self.response_format.constraint():
+        if specs:
+            choice, name = self.tool_choice or "auto", None
+            if isinstance(choice, NamedToolChoice):
+                choice, name = "function", choice.function.name
+            self._tool_use = ToolUse(tuple(specs), choice, name, self.parallel_tool_calls is not False)
+        if self.tool_use is not None and self.tool_use.calls_possible and self.response_format \
+                and self.response_format.constraint():
             raise UnsupportedParameterError(
                 "response_format", "response_format with tools needs tool_choice: none (a call is JSON already)"
             )
@@ -460,25 +469,15 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def prompt_chars(self) -> int:
         """Characters of prompt text: the turns and the tools' definitions."""
-        tools = sum(len(json.dumps(tool.function.parameters or {})) + len(tool.function.description or "")
-                    for tool in self.tools or ())
-        return sum(message.length for message in self.messages) + tools
-
-    def tool_use(self) -> ToolUse | None:
-        if not self.tools:
-            return None
-        choice, name = self.tool_choice or "auto", None
-        if isinstance(choice, NamedToolChoice):
-            choice, name = "function", choice.function.name
-        specs = tuple(
-            ToolSpec(
-                tool.function.name,
-                tool.function.description or "",
-                schema_constraint(self._parameters(tool), "tools").source,
-            )
-            for tool in self.tools
+        tools = self.tool_use.tools if self.tool_use is not None else ()
+        return sum(message.length for message in self.messages) + sum(
+            len(tool.parameters) + len(tool.description) for tool in tools
         )
-        return ToolUse(specs, choice, name, self.parallel_tool_calls is not False)
+
+    @property
+    def tool_use(self) -> ToolUse | None:
+        """The tools as the model deployment takes them (None without tools)."""
+        return self._tool_use
 
     def to_generation_params(self, request_id: str) -> GenerationParams:
         """The handle payload; unset max tokens take the model's or service default."""
@@ -486,7 +485,7 @@ class ChatCompletionRequest(_SamplingRequest):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._params(
             request_id, self.max_completion_tokens or self.max_tokens, messages=messages, logprobs=logprobs,
-            tool_use=self.tool_use(),
+            tool_use=self.tool_use,
         )
 
 

@@ -280,13 +280,13 @@ class GenerateResponse(BaseModel):
             for s in result.sequences
         ]
         prompt_logprobs = None
-        if result.prompt is not None and result.prompt.logprobs:
+        if result.prompt_logprobs:
             prompt_logprobs = [
                 PromptTokenLogprob(
                     token=entry.chosen.token, token_id=entry.chosen.token_id, logprob=entry.chosen.logprob,
                     top_logprobs=[TokenLogprob(token=c.token, token_id=c.token_id, logprob=c.logprob) for c in entry.top],
                 )
-                for entry in result.prompt.logprobs
+                for entry in result.prompt_logprobs
             ]
         return cls(
             prompt_logprobs=prompt_logprobs,

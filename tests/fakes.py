@@ -8,6 +8,7 @@ by the seed and the sequence index, so tests can predict every character.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import time
 import urllib.parse
@@ -20,7 +21,6 @@ from deployments.protocol import (
     GenerationParams,
     InvalidRequestError,
     ModelStatus,
-    PromptEcho,
     SequenceDelta,
     StreamStart,
     TokenChoice,
@@ -134,17 +134,16 @@ class FakeEngine(Engine):
             for index in range(request.num_return_sequences)
         ]
         finished: set[int] = set()
-        echo = None
-        if request.echo:  # the prompt's characters, each as likely as can be
-            text = decode(request.prompt_token_ids)
+        scored = ()
+        if request.prompt_logprobs is not None:  # the prompt's characters, each as likely as can be
             scored = tuple(
-                TokenLogprobs(TokenChoice(ord(c), c, None if at == 0 else 0.0)) for at, c in enumerate(text)
-            ) if request.prompt_logprobs is not None else ()
-            echo = PromptEcho(text, scored)
-            if request.max_new_tokens == 0:
-                yield [SequenceDelta(index, "", 0, "length", prompt=echo if index == 0 else None)
-                       for index in range(request.num_return_sequences)]
-                return
+                TokenLogprobs(TokenChoice(token, chr(token), None if at == 0 else 0.0))
+                for at, token in enumerate(request.prompt_token_ids)
+            )
+        if request.max_new_tokens == 0:
+            yield [SequenceDelta(index, "", 0, "length", prompt_logprobs=scored if index == 0 else ())
+                   for index in range(request.num_return_sequences)]
+            return
         for step in range(request.max_new_tokens):
             await asyncio.sleep(self._step_s)
             if request.cancelled.is_set():
@@ -163,8 +162,9 @@ class FakeEngine(Engine):
                     emitted, reason = emitted + text.finish(), "length"
                 if reason:
                     finished.add(index)
-                out.append(SequenceDelta(index, emitted, step + 1, reason, prompt=echo if index == 0 else None))
-            echo = None
+                out.append(SequenceDelta(index, emitted, step + 1, reason,
+                                         prompt_logprobs=scored if index == 0 else ()))
+            scored = ()
             yield out
             if len(finished) == len(rows):
                 return
@@ -234,7 +234,10 @@ class FakeModelHandle:
             prepared = self._engine.prepare(params)
         except InvalidRequestError as exc:
             return exc
-        return await collect_result(self._engine.config.name, prepared, self._deltas(prepared))
+        result = await collect_result(self._engine.config.name, prepared, self._deltas(prepared))
+        if params.echo and params.prompt_token_ids is not None:  # as ModelServer.generate
+            result = dataclasses.replace(result, prompt_text=self._engine.detokenize(params.prompt_token_ids))
+        return result
 
     async def _generate_stream(self, params: GenerationParams):
         try:
@@ -248,6 +251,6 @@ class FakeModelHandle:
 
     async def _deltas(self, prepared: PreparedRequest):
         async for deltas in self._engine.generate(prepared):
-            visible = [delta for delta in deltas if delta.text or delta.finish_reason or delta.prompt]
+            visible = [delta for delta in deltas if delta.text or delta.finish_reason or delta.prompt_logprobs]
             if visible:
                 yield visible

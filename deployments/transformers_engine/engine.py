@@ -45,7 +45,6 @@ from deployments.protocol import (
     MAX_TOP_LOGPROBS,
     ModelStatus,
     OutputConstraint,
-    PromptEcho,
     SequenceDelta,
     TokenChoice,
     TokenizeParams,
@@ -217,7 +216,7 @@ class _Sequence:
         self.min_tokens = request.min_tokens
         self.stop_token_ids = frozenset(request.stop_token_ids)
         self.include_stop = request.include_stop_str_in_output
-        self.echo: PromptEcho | None = None  # sent with the first delta (sequence 0 of an echo)
+        self.prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # sent with the first delta (sequence 0)
         self.logprobs = admission.request.logprobs  # None, or how many alternatives to show
         self.generated = 0
         self.finished = False
@@ -251,8 +250,8 @@ class _Sequence:
                 finish_reason = "length"
         self.finished = finish_reason is not None
         scored = (logprobs,) if logprobs is not None and not ends else ()
-        echo, self.echo = self.echo, None
-        return SequenceDelta(self.index, text, self.generated, finish_reason, scored, prompt=echo)
+        prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, ()
+        return SequenceDelta(self.index, text, self.generated, finish_reason, scored, prompt_logprobs=prompt_logprobs)
 
     @property
     def masked(self) -> bool:
@@ -561,13 +560,19 @@ class TransformersEngine(Engine):
         return self._tokenizer(rendered, add_special_tokens=params.add_special_tokens)["input_ids"]
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        size = len(self._tokenizer)
-        unknown = [token for token in tokens if not 0 <= token < size]
-        if unknown:
-            raise InvalidRequestError(
-                f"tokens: {unknown[0]} is no token of {self.config.name} (ids are 0 to {size - 1})", param="tokens"
-            )
+        self._check_token_ids(tokens, "tokens")
         return self._tokenizer.decode(list(tokens), skip_special_tokens=False)
+
+    def _check_token_ids(self, tokens: Sequence[int], param: str, by_position: bool = False) -> None:
+        """Raises InvalidRequestError naming the first id the tokenizer does not have
+        (``param[i]`` with ``by_position``)."""
+        size = len(self._tokenizer)
+        at = next((at for at, token in enumerate(tokens) if not 0 <= token < size), None)
+        if at is not None:
+            where = f"{param}[{at}]" if by_position else param
+            raise InvalidRequestError(
+                f"{where}: {tokens[at]} is no token of {self.config.name} (ids are 0 to {size - 1})", param=where
+            )
 
     def tokenizer_info(self) -> dict:
         return tokenizer_config(self._tokenizer, self._context_length)
@@ -575,12 +580,7 @@ class TransformersEngine(Engine):
     def prepare(self, params: GenerationParams) -> PreparedRequest:
         if params.prompt_token_ids is not None:
             token_ids = params.prompt_token_ids
-            unknown = next((at for at, token in enumerate(token_ids) if not 0 <= token < len(self._tokenizer)), None)
-            if unknown is not None:
-                raise InvalidRequestError(
-                    f"prompt[{unknown}]: {token_ids[unknown]} is no token of {self.config.name} (ids are 0 to "
-                    f"{len(self._tokenizer) - 1})", param=f"prompt[{unknown}]",
-                )
+            self._check_token_ids(token_ids, "prompt", by_position=True)
         else:
             token_ids = self.tokenize(
                 TokenizeParams(
@@ -594,12 +594,7 @@ class TransformersEngine(Engine):
             raise InvalidRequestError(
                 f"model {self.config.name} has no adapter {prepared.adapter!r}; its adapters: {known}", param="model"
             )
-        unknown = [token for token in prepared.stop_token_ids if not 0 <= token < self._grammars.vocab_size]
-        if unknown:
-            raise InvalidRequestError(
-                f"stop_token_ids: {unknown[0]} is no token of {self.config.name} (ids are 0 to "
-                f"{self._grammars.vocab_size - 1})", param="stop_token_ids",
-            )
+        self._check_token_ids(prepared.stop_token_ids, "stop_token_ids")
         if params.tool_use is not None and params.tool_use.calls_possible:
             prepared = self._with_tool_calls(prepared, params.tool_use)
         if prepared.constraint is not None:
@@ -829,27 +824,23 @@ class TransformersEngine(Engine):
 
     def _prefilled(self, prefill: _Prefill, logits: torch.Tensor) -> _Prefilled | None:
         """The rows of a prefill whose last chunk has run, one per returned sequence,
-        with their first next-token ``logits``. A request that asked for its prompt
-        gets it with its first delta; one that asked for no new token (echo with
-        max_new_tokens 0) ends here, its prompt scored: None when no row is left."""
+        with their first next-token ``logits``. A request that scored its prompt gets
+        the scores with its first delta; one that asked for no new token (echo with
+        max_new_tokens 0) ends here: None when no row is left."""
         cache, admitted = prefill.cache, prefill.admitted
         sequences = []
         for row, admission in enumerate(admitted):
             request = admission.request
-            echo = None
-            if request.echo:
-                logprobs = prefill.scores.of_row(row) if prefill.scores is not None else None
-                echo = PromptEcho(self._tokenizer.decode(list(request.prompt_token_ids), skip_special_tokens=False),
-                                  logprobs or ())
+            scored = (prefill.scores.of_row(row) if prefill.scores is not None else None) or ()
             if request.max_new_tokens == 0:
                 admission.deliver([
-                    SequenceDelta(index, "", 0, "length", prompt=echo if index == 0 else None)
+                    SequenceDelta(index, "", 0, "length", prompt_logprobs=scored if index == 0 else ())
                     for index in range(request.num_return_sequences)
                 ])
                 continue
             for index in range(request.num_return_sequences):
                 sequence = _Sequence(admission, index, self._text_decoder(request), self._grammar_of(request))
-                sequence.echo = echo if index == 0 else None
+                sequence.prompt_logprobs = scored if index == 0 else ()
                 sequences.append(sequence)
         if not sequences:
             return None

@@ -37,11 +37,11 @@ def reference(tiny_engine, ids: list[int]) -> torch.Tensor:
     return logprobs
 
 
-def assert_scores_match(tiny_engine, ids, prompt, top):
+def assert_scores_match(tiny_engine, ids, prompt_logprobs, top):
     expected = reference(tiny_engine, ids)
-    assert [entry.chosen.token_id for entry in prompt.logprobs] == ids
-    assert prompt.logprobs[0].chosen.logprob is None and prompt.logprobs[0].top == ()
-    for position, entry in enumerate(prompt.logprobs[1:], start=1):
+    assert [entry.chosen.token_id for entry in prompt_logprobs] == ids
+    assert prompt_logprobs[0].chosen.logprob is None and prompt_logprobs[0].top == ()
+    for position, entry in enumerate(prompt_logprobs[1:], start=1):
         assert entry.chosen.logprob == pytest.approx(expected[position - 1, ids[position]].item(), abs=1e-4)
         best = expected[position - 1].topk(top)
         assert [choice.token_id for choice in entry.top] == best.indices.tolist()
@@ -65,11 +65,10 @@ def test_prompt_logprobs_equal_a_forward_pass_beside_other_rows(tiny_engine, chu
     *only_scored, generated, plain = results(tiny_engine, *scored, generating, free)
     for ids, result in zip(prompts, only_scored, strict=True):
         assert [s.completion_tokens for s in result.sequences] == [0] and result.sequences[0].finish_reason == "length"
-        assert_scores_match(tiny_engine, ids, result.prompt, top=2)
-        assert result.prompt.text == tiny_engine._tokenizer.decode(ids)
-    assert_scores_match(tiny_engine, prompts[1], generated.prompt, top=0)
+        assert_scores_match(tiny_engine, ids, result.prompt_logprobs, top=2)
+    assert_scores_match(tiny_engine, prompts[1], generated.prompt_logprobs, top=0)
     assert [s.completion_tokens for s in generated.sequences] == [3, 3]
-    assert plain.prompt is None and plain.sequences[0].completion_tokens == 4
+    assert plain.prompt_logprobs == () and plain.sequences[0].completion_tokens == 4
     alone = results(tiny_engine, GenerationParams(prompt=TEXTS[1], max_new_tokens=3, temperature=0.0))[0]
     assert generated.sequences[0].text == alone.sequences[0].text, "scoring changes no generated token"
 
