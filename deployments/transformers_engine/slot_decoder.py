@@ -19,7 +19,7 @@ A graph needs tensors that never move or change shape, hence:
   device and copied to the host asynchronously (`Tokens`), so that the host's work on
   step t (detokenising, stop strings, streaming) overlaps the GPU's step t+1.
 
-Prefill stays eager and chunked (the engine's `_prefill_chunk`, transformers'
+Prefill stays eager and chunked (the scheduler's `_prefill_chunk`, transformers'
 DynamicCache); a prefilled row's history is then copied into its slot (`join`).
 On a CPU the same decoder runs eagerly, without graphs: that is how its tokens are
 tested against the dynamic-cache path on CI, which has no GPU.

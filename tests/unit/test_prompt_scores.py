@@ -53,7 +53,7 @@ def assert_scores_match(tiny_engine, ids, prompt_logprobs, top):
 def test_prompt_logprobs_equal_a_forward_pass_beside_other_rows(tiny_engine, chunk, whole_logits, monkeypatch):
     monkeypatch.setattr(prompt_scores, "SCORING_CHUNK_TOKENS", chunk)  # 7: many chunks, odd edges
     if whole_logits:  # as for a model whose head soft-caps its logits
-        monkeypatch.setattr(tiny_engine, "_output_layer", None)
+        monkeypatch.setattr(tiny_engine._scheduler._model, "output_layer", None)
     prompts = [tiny_engine._tokenizer(text)["input_ids"] for text in TEXTS]
     scored = [
         GenerationParams(prompt_token_ids=tuple(ids), echo=True, prompt_logprobs=2, max_new_tokens=0)

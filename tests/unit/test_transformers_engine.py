@@ -9,7 +9,8 @@ import pytest
 from deployments.config import ModelConfig
 from deployments.protocol import ChatMessage, GenerationParams, InvalidRequestError
 from deployments.transformers_engine import TransformersEngine
-from deployments.transformers_engine import engine as engine_module
+from deployments.transformers_engine.rows import Admission
+from deployments.transformers_engine.scheduler import Outbox
 from tests.tiny_model import TINY_CONTEXT_LENGTH
 
 
@@ -309,14 +310,14 @@ def test_chunked_prefill_gives_the_same_text(tiny_model_dir):
     whole.load()
     chunked = TransformersEngine(ModelConfig(source=str(tiny_model_dir), dtype="float32"), "cpu")
     chunked.load()
-    chunked.prefill_chunk_tokens = 6  # 2 columns per chunk for the two long prompts
+    chunked._scheduler.prefill_chunk_tokens = 6  # 2 columns per chunk for the two long prompts
     assert run(chunked, *requests) == run(whole, *requests)
     alone = [run(whole, request)[0] for request in requests]
     assert run(whole, *requests) == alone
 
 
 def test_prefill_groups_keep_padding_small_and_short_prompts_first():
-    from deployments.transformers_engine.engine import prefill_groups
+    from deployments.transformers_engine.scheduler import prefill_groups
 
     # Short prompts share a pass (a few columns of padding are allowed), long ones
     # group with long ones, and no prompt pads a much shorter one to its width.
@@ -413,8 +414,8 @@ def test_steps_pile_up_only_while_the_caller_is_busy(tiny_model_dir):
 
     async def consume(busy_s: float):
         outputs: asyncio.Queue = asyncio.Queue()
-        outbox = engine_module._Outbox(asyncio.get_running_loop(), outputs, 0.0)
-        engine._arrivals.put(engine_module._Admission(engine.prepare(greedy(max_new_tokens=12)), outbox))
+        outbox = Outbox(asyncio.get_running_loop(), outputs, 0.0)
+        engine._scheduler.submit(Admission(engine.prepare(greedy(max_new_tokens=12)), outbox.deliver))
         items, text, finished = 0, "", False
         while not finished:
             deltas = await outputs.get()  # what the outbox handed over, unmerged by any reader

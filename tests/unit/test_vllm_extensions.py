@@ -3,12 +3,11 @@ stop_token_ids end a sequence (their text kept only when asked), min_tokens hold
 ends back, stop strings can be kept, special tokens can be kept."""
 
 import asyncio
-import types
 
 import pytest
 
 from deployments.protocol import GenerationParams, InvalidRequestError
-from deployments.transformers_engine.engine import _Admission, _Sequence
+from deployments.transformers_engine.rows import Admission
 
 
 def run(tiny_engine, params: GenerationParams):
@@ -60,19 +59,18 @@ def sequence(tiny_engine, params: GenerationParams):
     """A row of ``params`` as the scheduler makes it, to hand tokens to by hand (the
     random model seldom chooses EOS itself)."""
     prepared = tiny_engine.prepare(params)
-    admission = _Admission(prepared, types.SimpleNamespace(deliver=lambda item: None))
-    return _Sequence(admission, 0, tiny_engine._text_decoder(prepared))
+    return tiny_engine._delivery.row(Admission(prepared, lambda item: None), 0)
 
 
 def test_ignore_eos_goes_on_past_the_end_of_text_and_special_tokens_can_be_kept(tiny_engine):
-    eos = min(tiny_engine._eos_token_ids)
+    eos = min(tiny_engine._delivery.eos_token_ids)
     ends = sequence(tiny_engine, greedy())
-    assert ends.advance(eos, tiny_engine._eos_token_ids).finish_reason == "eos"
+    assert ends.advance(eos, tiny_engine._delivery.eos_token_ids).finish_reason == "eos"
     goes_on = sequence(tiny_engine, greedy(ignore_eos=True))
-    delta = goes_on.advance(eos, tiny_engine._eos_token_ids)
+    delta = goes_on.advance(eos, tiny_engine._delivery.eos_token_ids)
     assert delta.finish_reason is None and delta.text == "" and not goes_on.finished
     kept = sequence(tiny_engine, greedy(ignore_eos=True, skip_special_tokens=False))
-    assert kept.advance(eos, tiny_engine._eos_token_ids).text == tiny_engine.detokenize([eos])
+    assert kept.advance(eos, tiny_engine._delivery.eos_token_ids).text == tiny_engine.detokenize([eos])
 
 
 def test_out_of_range_stop_token_ids_and_min_tokens_are_refused(tiny_engine):

@@ -1,0 +1,92 @@
+"""What the scheduler and the two decoding strategies (`dynamic_decoding`,
+`slot_decoding`) share: the loaded model with its calling conventions, the prefilled rows
+handed from one to the other, and the strategy's interface."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from deployments.transformers_engine.lora import Adapters
+from deployments.transformers_engine.rows import Delivery, Row
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A causal LM as the scheduler calls it."""
+
+    model: torch.nn.Module
+    name: str  # the served model's name (metrics)
+    device: str
+    # transformers renamed `past_key_values` to `cache` (5.2x); either is accepted.
+    cache_argument: str
+    adapters: Adapters | None = None
+    output_layer: torch.nn.Module | None = None  # when prompts can be scored from hidden states
+
+    def use_adapters(self, slots: Sequence[int]) -> None:
+        """Tells the LoRA layers each row's adapter slot for the next forward pass (none
+        when no row uses one: the base model's rows then cost nothing extra)."""
+        if self.adapters is not None:
+            self.adapters.rows.use(torch.tensor(slots, device=self.device) if any(slots) else None)
+
+    def forward(self, cache, **inputs):
+        """The model's output for ``inputs`` with ``cache`` (None: a new one)."""
+        if cache is not None:
+            inputs[self.cache_argument] = cache
+        return self.model(use_cache=True, **inputs)
+
+    def cache_of(self, output):
+        """The cache a forward pass returned (the output field has the argument's name)."""
+        return output[self.cache_argument]
+
+
+@dataclasses.dataclass
+class Prefilled:
+    """Prompts fully run: a row per returned sequence, left-padded (a row's cached prefix
+    and the rest of its prompt may have masked columns between them), with the scores of
+    each row's first new token."""
+
+    rows: list[Row]
+    cache: object  # transformers' DynamicCache
+    attention_mask: torch.Tensor  # [rows, columns]
+    last_position: torch.Tensor  # [rows]
+    logits: torch.Tensor  # [rows, vocab], float32
+
+    @property
+    def prompts(self) -> list[tuple[int, ...]]:
+        return [row.admission.request.prompt_token_ids for row in self.rows]
+
+
+class Decoding(abc.ABC):
+    """How the scheduler decodes its running rows: `DynamicDecoding` or `SlotDecoding`."""
+
+    def __init__(self, model: LoadedModel, delivery: Delivery) -> None:
+        self.model, self.delivery = model, delivery
+
+    @property
+    @abc.abstractmethod
+    def busy(self) -> bool:
+        """Rows running, or tokens not yet handed over."""
+
+    @abc.abstractmethod
+    def free_rows(self) -> int:
+        """Rows that newly prefilled sequences may take now."""
+
+    @abc.abstractmethod
+    def join(self, prefilled: Prefilled) -> None:
+        """Takes newly prefilled rows into the running batch."""
+
+    @abc.abstractmethod
+    def step(self) -> None:
+        """One decode step of the running rows, if any; hands tokens over."""
+
+    @abc.abstractmethod
+    def rows(self) -> list[Row]:
+        """Every row still owed tokens (to fail them when a step fails)."""
+
+    @abc.abstractmethod
+    def clear(self) -> None:
+        """Forgets every row (after a failed step)."""
