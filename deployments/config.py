@@ -170,6 +170,18 @@ class ModelConfig(BaseModel):
             "there (a longer one gets 422 naming the limit)."
         ),
     )
+    prefix_cache_mb: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Memory for automatic prefix caching: the keys and values of prompts (and answers) "
+            "already computed, reused by requests that start the same way (a system prompt, a tool "
+            "list, the conversation so far), which then prefill only the rest; least recently used "
+            "blocks go first. Unset: 1024 MB on a CPU, on a GPU a tenth of what the KV cache may "
+            "take (taken from the slots). 0 turns prefix caching off. A token costs "
+            "2 x layers x kv_heads x head_dim x the dtype's bytes (SmolLM2-135M in float32: 45 KiB)."
+        ),
+    )
     tool_call_format: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         default="auto",
         description=(

@@ -196,6 +196,7 @@ def merge_steps(earlier: list[SequenceDelta], later: list[SequenceDelta]) -> lis
             delta, text=text, logprobs=logprobs,
             tool_calls=before.tool_calls + delta.tool_calls if before else delta.tool_calls,
             prompt_logprobs=before.prompt_logprobs if before and before.prompt_logprobs else delta.prompt_logprobs,
+            cached_tokens=before.cached_tokens if before and before.cached_tokens else delta.cached_tokens,
         )
     return list(merged.values())
 

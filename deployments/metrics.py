@@ -136,6 +136,30 @@ def record_batch_size(model: str, sequences: int) -> None:
     ).observe(sequences, tags={"model": model})
 
 
+def record_prefix_cache_lookup(model: str, prompt_tokens: int, hit_tokens: int) -> None:
+    """A prompt looked up in the prefix cache: ``textgen_prefix_cache_lookups_total``,
+    ``textgen_prefix_cache_queried_tokens_total`` (its tokens) and
+    ``textgen_prefix_cache_hit_tokens_total`` (those not prefilled again); hit rate =
+    hit / queried."""
+    tags = {"model": model}
+    _counter("textgen_prefix_cache_lookups", "Prompts looked up in the prefix cache.", ("model",)).inc(tags=tags)
+    _counter(
+        "textgen_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.", ("model",)
+    ).inc(prompt_tokens, tags=tags)
+    if hit_tokens:
+        _counter(
+            "textgen_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache.", ("model",)
+        ).inc(hit_tokens, tags=tags)
+
+
+def record_prefix_cache_bytes(model: str, cached_bytes: int) -> None:
+    """What a replica's prefix cache holds (``textgen_prefix_cache_bytes``, a gauge per
+    replica: sum by model)."""
+    _gauge("textgen_prefix_cache_bytes", "Bytes of KV held by a model replica's prefix cache.", ("model",)).set(
+        cached_bytes, tags={"model": model}
+    )
+
+
 def record_model_load(model: str, seconds: float) -> None:
     """How long a replica took to load its model (``textgen_model_load_seconds``); a
     histogram, one observation per replica start (a gauge set once would expire)."""

@@ -49,9 +49,11 @@ async def collect_result(
     calls: list[tuple] = [()] * prepared.num_return_sequences
     finals: dict[int, SequenceDelta] = {}
     prompt_logprobs: tuple = ()
+    cached_tokens = 0
     async for deltas in steps:
         for delta in deltas:
             prompt_logprobs = prompt_logprobs or delta.prompt_logprobs
+            cached_tokens = cached_tokens or delta.cached_tokens
             texts[delta.index] += delta.text
             logprobs[delta.index] += delta.logprobs
             calls[delta.index] += delta.tool_calls
@@ -70,7 +72,7 @@ async def collect_result(
     )
     return GenerationResult(
         model=model, prompt_tokens=len(prepared.prompt_token_ids), sequences=sequences,
-        prompt_logprobs=prompt_logprobs,
+        prompt_logprobs=prompt_logprobs, cached_tokens=cached_tokens,
     )
 
 
@@ -283,7 +285,8 @@ class ModelServer:
                         deltas = readers.read(deltas)
                     visible = [
                         delta for delta in deltas
-                        if delta.text or delta.finish_reason or delta.logprobs or delta.tool_calls or delta.prompt_logprobs
+                        if delta.text or delta.finish_reason or delta.logprobs or delta.tool_calls
+                        or delta.prompt_logprobs or delta.cached_tokens
                     ]
                     if visible:
                         yield visible

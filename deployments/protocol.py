@@ -246,6 +246,8 @@ class SequenceDelta:
     # With prompt_logprobs, on sequence 0's first delta: each prompt token with its log
     # probability given those before it (the first token's is None).
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    # On sequence 0's first delta: prompt tokens whose KV came from the prefix cache.
+    cached_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +270,7 @@ class GenerationResult:
     prompt_tokens: int
     sequences: tuple[SequenceResult, ...]
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # see SequenceDelta
+    cached_tokens: int = 0  # see SequenceDelta
     prompt_text: str | None = None  # with echo of a token-id prompt: the model's text of it
 
     @property

@@ -216,12 +216,15 @@ class _UsageSoFar:
     def __init__(self, prompt_tokens: int, sequences: int) -> None:
         self._prompt_tokens = prompt_tokens
         self._completion_tokens = [0] * sequences
+        self._cached_tokens = 0
 
     def observe(self, delta: SequenceDelta) -> None:
         self._completion_tokens[delta.index] = delta.completion_tokens
+        self._cached_tokens += delta.cached_tokens
 
     def body(self) -> dict:
-        return OpenAIUsage.of(usage_of(self._prompt_tokens, sum(self._completion_tokens))).model_dump()
+        usage = usage_of(self._prompt_tokens, sum(self._completion_tokens), self._cached_tokens)
+        return OpenAIUsage.of(usage).model_dump()
 
 
 def _chunk(

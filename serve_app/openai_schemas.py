@@ -491,7 +491,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(
-        default=0, description="Prompt tokens served from a prefix cache: always 0, this service has none yet."
+        default=0, description="Prompt tokens whose keys and values came from the model replica's prefix cache."
     )
 
 
@@ -502,7 +502,7 @@ class OpenAIUsage(Usage):
 
     @classmethod
     def of(cls, usage: Usage) -> "OpenAIUsage":
-        return cls(**usage.model_dump())
+        return cls(**usage.model_dump(), prompt_tokens_details=PromptTokensDetails(cached_tokens=usage._cached_tokens))
 
 
 class CompletionLogprobs(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from deployments.protocol import (
     MAX_NEW_TOKENS,
@@ -218,6 +218,9 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = Field(description="Tokens generated across all sequences.")
     total_tokens: int
+    # Prompt tokens served from the prefix cache: shown by the OpenAI routes
+    # (prompt_tokens_details), not in /generate's contract.
+    _cached_tokens: int = PrivateAttr(default=0)
 
 
 class TokenLogprob(BaseModel):
@@ -300,12 +303,14 @@ class GenerateResponse(BaseModel):
         )
 
 
-def usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    usage = Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
     )
+    usage._cached_tokens = cached_tokens
+    return usage
 
 
 class ErrorDetail(BaseModel):

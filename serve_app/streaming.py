@@ -107,7 +107,8 @@ async def generate(
             access.settle_tokens(request, request.state.tokens_needed)
         raise
     request.state.usage = usage_of(
-        sum(result.prompt_tokens for result in results), sum(result.completion_tokens for result in results)
+        sum(result.prompt_tokens for result in results), sum(result.completion_tokens for result in results),
+        sum(result.cached_tokens for result in results),
     )
     access.settle_tokens(request, request.state.usage.total_tokens)
     return results
@@ -211,6 +212,7 @@ async def relay(
     generating for it; the tokens generated until then are charged to the client.
     """
     completion_tokens = [0] * num_sequences
+    cached_tokens = 0
     unfinished = num_sequences
     try:
         for event in first_events:
@@ -219,11 +221,12 @@ async def relay(
             async for deltas in stream:
                 for delta in deltas:
                     completion_tokens[delta.index] = delta.completion_tokens
+                    cached_tokens += delta.cached_tokens
                     unfinished -= delta.finish_reason is not None
-                    usage = usage_of(start.prompt_tokens, sum(completion_tokens)) if unfinished == 0 else None
+                    usage = usage_of(start.prompt_tokens, sum(completion_tokens), cached_tokens) if unfinished == 0 else None
                     for event in on_delta(delta, usage):
                         yield sse(event)
-        for event in on_end(usage_of(start.prompt_tokens, sum(completion_tokens))):
+        for event in on_end(usage_of(start.prompt_tokens, sum(completion_tokens), cached_tokens)):
             yield sse(event)
     except TimeoutError:
         message = f"no answer within {request.state.timeout_s:g} s; the generation was stopped"
@@ -234,6 +237,6 @@ async def relay(
         yield sse(error_body(500, f"generation failed; quote request id {request_id}", openai=openai))
     finally:
         cancel_quietly(stream)  # nothing left to stop after a normal end; stops the model if the client left
-        request.state.usage = usage_of(start.prompt_tokens, sum(completion_tokens))
+        request.state.usage = usage_of(start.prompt_tokens, sum(completion_tokens), cached_tokens)
         access.settle_tokens(request, request.state.usage.total_tokens)
     yield "data: [DONE]\n\n"

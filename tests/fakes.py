@@ -76,6 +76,7 @@ class FakeEngine(Engine):
         rows = int(query.get("rows", ["0"])[0])
         self._rows = asyncio.Semaphore(rows) if rows else None
         self.loaded = False
+        self._last_prompt: tuple[int, ...] = ()  # its "prefix cache": the previous prompt
 
     def load(self) -> None:
         time.sleep(self._load_s)
@@ -134,6 +135,12 @@ class FakeEngine(Engine):
             for index in range(request.num_return_sequences)
         ]
         finished: set[int] = set()
+        # As a prefix cache reports: the tokens shared with the previous prompt, short
+        # of the last one, on sequence 0's first delta.
+        prompt, previous = request.prompt_token_ids, self._last_prompt
+        shared = zip(prompt[:-1], previous, strict=False)
+        cached = next((at for at, (mine, theirs) in enumerate(shared) if mine != theirs), min(len(prompt) - 1, len(previous)))
+        self._last_prompt = tuple(prompt)
         scored = ()
         if request.prompt_logprobs is not None:  # the prompt's characters, each as likely as can be
             scored = tuple(
@@ -163,8 +170,9 @@ class FakeEngine(Engine):
                 if reason:
                     finished.add(index)
                 out.append(SequenceDelta(index, emitted, step + 1, reason,
-                                         prompt_logprobs=scored if index == 0 else ()))
-            scored = ()
+                                         prompt_logprobs=scored if index == 0 else (),
+                                         cached_tokens=cached if index == 0 else 0))
+            scored, cached = (), 0
             yield out
             if len(finished) == len(rows):
                 return

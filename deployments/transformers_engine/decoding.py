@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from deployments.transformers_engine.lora import Adapters
+from deployments.transformers_engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from deployments.transformers_engine.rows import Delivery, Row
 
 
@@ -61,10 +62,27 @@ class Prefilled:
 
 
 class Decoding(abc.ABC):
-    """How the scheduler decodes its running rows: `DynamicDecoding` or `SlotDecoding`."""
+    """How the scheduler decodes its running rows: `DynamicDecoding` or `SlotDecoding`.
+    With a ``prefix_cache``, a row that ends leaves its answer's KV there, so that the
+    next turn of its conversation finds it."""
 
-    def __init__(self, model: LoadedModel, delivery: Delivery) -> None:
-        self.model, self.delivery = model, delivery
+    def __init__(self, model: LoadedModel, delivery: Delivery, prefix_cache: PrefixCache | None = None) -> None:
+        self.model, self.delivery, self.prefix_cache = model, delivery, prefix_cache
+
+    def _keep_answer(self, row: Row, history_of) -> None:
+        """Stores a leaving row's prompt and answer (all but its last token, whose KV
+        was never computed) in the prefix cache; ``history_of(start, end)`` gives the
+        row's KV of tokens start..end in the cache's layout. The prompt's blocks are
+        there since its prefill: only the answer's are copied."""
+        # Not the cancelled event: a caller that got its last token sets it too, at once.
+        if self.prefix_cache is None or row.dropped:
+            return
+        request = row.admission.request
+        tokens = [*request.prompt_token_ids, *row.token_ids[:-1]]
+        start = len(request.prompt_token_ids) // BLOCK_TOKENS * BLOCK_TOKENS
+        end = len(tokens) // BLOCK_TOKENS * BLOCK_TOKENS
+        if end > start:
+            self.prefix_cache.store(tokens, request.adapter, history_of(start, end), start=start)
 
     @property
     @abc.abstractmethod

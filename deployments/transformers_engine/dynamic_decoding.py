@@ -13,6 +13,7 @@ from deployments import metrics
 from deployments.protocol import MAX_TOP_LOGPROBS
 from deployments.transformers_engine import kv_cache
 from deployments.transformers_engine.decoding import Decoding, LoadedModel, Prefilled
+from deployments.transformers_engine.prefix_cache import PrefixCache
 from deployments.transformers_engine.grammars import mask_disallowed
 from deployments.transformers_engine.rows import Delivery, Row
 from deployments.transformers_engine.sampling import BatchSampler, RowScores, score_rows
@@ -85,8 +86,11 @@ class DynamicDecoding(Decoding):
     can be joined along the batch; where not (sliding windows), batching is static and
     newcomers wait for the running batch to finish."""
 
-    def __init__(self, model: LoadedModel, delivery: Delivery, max_rows: int, joinable: bool) -> None:
-        super().__init__(model, delivery)
+    def __init__(
+        self, model: LoadedModel, delivery: Delivery, max_rows: int, joinable: bool,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
+        super().__init__(model, delivery, prefix_cache)
         self._max_rows, self._joinable = max_rows, joinable
         self._batch: _Batch | None = None
 
@@ -118,6 +122,17 @@ class DynamicDecoding(Decoding):
     def clear(self) -> None:
         self._batch = None
 
+    def _keep_answers(self, batch: _Batch, still_running: list[int]) -> None:
+        staying = set(still_running)
+        for position, row in enumerate(batch.rows):
+            if position not in staying:
+                columns = batch.attention_mask[position].nonzero().flatten()  # the row's tokens, in order
+                self._keep_answer(
+                    row, lambda start, end, row_at=position, columns=columns: kv_cache.row_history(
+                        batch.cache, row_at, columns[start:end]
+                    )
+                )
+
     @torch.inference_mode()
     def _step(self, batch: _Batch) -> _Batch | None:
         """Samples every row's next token, delivers it, drops the rows that ended or whose
@@ -134,6 +149,8 @@ class DynamicDecoding(Decoding):
             chosen, top, top_ids = score_rows(batch.logits, next_tokens, MAX_TOP_LOGPROBS)
             scores = RowScores(chosen.tolist(), top_ids.tolist(), top.tolist())
         still_running = self.delivery.deliver(batch.rows, next_tokens.tolist(), scores)
+        if self.prefix_cache is not None and len(still_running) < len(batch.rows):
+            self._keep_answers(batch, still_running)
         if not still_running:
             return None
         batch.keep(still_running)

@@ -41,6 +41,7 @@ from deployments.transformers_engine.decoding import Decoding, LoadedModel
 from deployments.transformers_engine.dynamic_decoding import DynamicDecoding
 from deployments.transformers_engine.grammars import Grammars
 from deployments.transformers_engine.lora import Adapters
+from deployments.transformers_engine.prefix_cache import PrefixCache
 from deployments.transformers_engine.prompt_scores import output_layer
 from deployments.transformers_engine.loading import (
     load_model,
@@ -61,6 +62,10 @@ _FALLBACK_CONTEXT_LENGTH = 2048
 ACTIVATION_RESERVE_BYTES = 2 << 30
 # Fewest tokens per slot worth serving with.
 MIN_SLOT_LENGTH = 64
+# The prefix cache's default budget: on a CPU, 1 GiB (22k tokens of SmolLM2-135M in
+# float32); on a GPU, this share of what the KV cache may take.
+CPU_PREFIX_CACHE_BYTES = 1 << 30
+GPU_PREFIX_CACHE_SHARE = 0.1
 
 
 def model_sampling_defaults(generation_config: GenerationConfig) -> SamplingDefaults:
@@ -116,6 +121,7 @@ class TransformersEngine(Engine):
         self._delivery: Delivery | None = None
         self._decoding: Decoding | None = None
         self._scheduler: Scheduler | None = None
+        self._prefix_cache: PrefixCache | None = None
 
     def load(self) -> None:
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -149,11 +155,15 @@ class TransformersEngine(Engine):
         self._grammars = Grammars(self._tokenizer, self._vocab_size, self._eos_token_ids)
         self._delivery = Delivery(self._tokenizer, self._eos_token_ids, self._grammars)
         joinable = kv_cache.can_join(loaded.cache_of(probe))
-        self._decoding = self._choose_decoding(loaded, probe, joinable)
+        # Sliding-window layers drop history: their prefixes cannot be kept.
+        prefix_bytes = self._prefix_cache_bytes() if joinable else 0
+        self._prefix_cache = PrefixCache(prefix_bytes, self.config.name) if prefix_bytes else None
+        self._decoding = self._choose_decoding(loaded, probe, joinable, prefix_bytes)
         self._scheduler = Scheduler(
             loaded, self._delivery, self._decoding, joinable,
             slot_for=self._adapters.slot_for if self._adapters is not None else None,
             batch_wait_timeout_s=self.config.batch_wait_timeout_s,
+            prefix_cache=self._prefix_cache,
         )
         self._scheduler.start()
         logger.info(
@@ -198,7 +208,18 @@ class TransformersEngine(Engine):
         tells whether layers can be joined along the batch, and their geometry."""
         return self._model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=True)
 
-    def _choose_decoding(self, model: LoadedModel, probe, joinable: bool) -> Decoding:
+    def _prefix_cache_bytes(self) -> int:
+        """The prefix cache's budget: configured, or 1 GiB on a CPU, or on a GPU a tenth
+        of what ``gpu_memory_utilization`` leaves after the weights and the reserve."""
+        if self.config.prefix_cache_mb is not None:
+            return self.config.prefix_cache_mb << 20
+        if self.device != "cuda":
+            return CPU_PREFIX_CACHE_BYTES
+        free, total = torch.cuda.mem_get_info()
+        budget = total * self.config.gpu_memory_utilization - (total - free) - ACTIVATION_RESERVE_BYTES
+        return max(0, int(budget * GPU_PREFIX_CACHE_SHARE))
+
+    def _choose_decoding(self, model: LoadedModel, probe, joinable: bool, prefix_bytes: int) -> Decoding:
         """The slot decoder where configured (``auto``: on a GPU) and the model's cache
         layers all keep full history; else the dynamic-cache path."""
         wanted = self.config.kv_cache
@@ -209,11 +230,11 @@ class TransformersEngine(Engine):
                            "full history, so it decodes with the dynamic cache", self.config.source)
             wanted = "dynamic"
         if wanted == "dynamic":
-            return DynamicDecoding(model, self._delivery, self.config.max_batch_size, joinable)
+            return DynamicDecoding(model, self._delivery, self.config.max_batch_size, joinable, self._prefix_cache)
         layers = model.cache_of(probe).layers
         shape = SlotShape(len(layers), layers[0].keys.shape[1], layers[0].keys.shape[3], layers[0].keys.dtype)
         slots = self.config.max_batch_size
-        slot_length = self._slot_length(shape, slots)
+        slot_length = self._slot_length(shape, slots, prefix_bytes)
         if slot_length < self._context_length:
             logger.warning("KV cache holds %d tokens per sequence for %d sequences: requests are "
                            "capped there, below the model's context of %d",
@@ -227,16 +248,17 @@ class TransformersEngine(Engine):
         logger.info("slot decoding: %d slots x %d tokens (%.1f GiB of KV cache), CUDA graphs %s",
                     slots, slot_length, shape.bytes_per_token() * slots * slot_length / 2**30,
                     "on" if decoder.uses_graphs else "off")
-        return SlotDecoding(model, self._delivery, decoder)
+        return SlotDecoding(model, self._delivery, decoder, self._prefix_cache)
 
-    def _slot_length(self, shape: SlotShape, slots: int) -> int:
+    def _slot_length(self, shape: SlotShape, slots: int, prefix_bytes: int) -> int:
         """Tokens per slot: the context, or on a GPU what ``gpu_memory_utilization`` of
-        its memory leaves for the KV cache after the weights and a reserve for prefill
-        (its DynamicCache of one admission wave, twice) and activations."""
+        its memory leaves for the KV cache after the weights, the prefix cache and a
+        reserve for prefill (its DynamicCache of one admission wave, twice) and
+        activations."""
         if self.device != "cuda":
             return self._context_length
         free, total = torch.cuda.mem_get_info()
-        reserve = 2 * MAX_PREFILL_TOKENS * shape.bytes_per_token() + ACTIVATION_RESERVE_BYTES
+        reserve = 2 * MAX_PREFILL_TOKENS * shape.bytes_per_token() + ACTIVATION_RESERVE_BYTES + prefix_bytes
         fits = tokens_per_slot(total, free, self.config.gpu_memory_utilization, reserve, shape, slots)
         if fits < MIN_SLOT_LENGTH:
             raise RuntimeError(

@@ -5,6 +5,8 @@ columns are masked out by the attention mask)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -80,3 +82,26 @@ def drop_leading_columns(cache: DynamicCache, columns: int) -> None:
         for layer in cache.layers:
             layer.keys = layer.keys[:, :, columns:, :]
             layer.values = layer.values[:, :, columns:, :]
+
+
+def of_prefixes(prefixes: Sequence[torch.Tensor | None], width: int) -> DynamicCache:
+    """A cache of a row per prefix, ``width`` columns: each prefix (``[layers, 2,
+    kv_heads, tokens, head_dim]``, the prefix cache's layout) ends at the last column,
+    the columns before it zeros (masked); a row without one is all zeros."""
+    given = next(prefix for prefix in prefixes if prefix is not None)
+    layers, _, kv_heads, _, head_dim = given.shape
+    history = given.new_zeros(layers, 2, len(prefixes), kv_heads, width, head_dim)
+    for row, prefix in enumerate(prefixes):
+        if prefix is not None:
+            history[:, :, row, :, width - prefix.shape[3] :] = prefix
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer(history[layer, 0], history[layer, 1]) for layer in range(layers)]
+    return cache
+
+
+def row_history(cache: DynamicCache, row: int, columns: torch.Tensor) -> torch.Tensor:
+    """Row ``row``'s keys and values at ``columns``, in the prefix cache's layout
+    ``[layers, 2, kv_heads, len(columns), head_dim]`` (a copy)."""
+    return torch.stack(
+        [torch.stack([layer.keys[row][:, columns], layer.values[row][:, columns]]) for layer in cache.layers]
+    )

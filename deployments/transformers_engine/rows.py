@@ -12,6 +12,7 @@ from deployments.engine import END_OF_STEPS, PreparedRequest, sequence_seed
 from deployments.protocol import FinishReason, SequenceDelta, TokenChoice, TokenLogprobs
 from deployments.text_output import SequenceText
 from deployments.transformers_engine.grammars import Grammars
+from deployments.transformers_engine.prefix_cache import NO_PREFIX
 from deployments.transformers_engine.sampling import RowSampling, RowScores
 
 
@@ -23,6 +24,7 @@ class Admission:
         self.request = request
         self.deliver = deliver
         self.adapter_slot = 0  # its LoRA adapter's slot once admitted (0: the base model)
+        self.prefix = NO_PREFIX  # what the prefix cache has of its prompt, once looked up
 
 
 class Row:
@@ -43,10 +45,14 @@ class Row:
         self.min_tokens = request.min_tokens
         self.stop_token_ids = frozenset(request.stop_token_ids)
         self.include_stop = request.include_stop_str_in_output
-        self.prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # sent with the first delta (sequence 0)
+        # Sent with the first delta (sequence 0's): the prompt's scores and how many of
+        # its tokens came from the prefix cache.
+        self.prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+        self.cached_tokens = 0
         self.logprobs = request.logprobs  # None, or how many alternatives to show
         self.token_ids: list[int] = []  # generated so far (the prefix cache keeps them)
         self.finished = False
+        self.dropped = False  # ended because its caller left
 
     @property
     def generated(self) -> int:
@@ -95,7 +101,11 @@ class Row:
         self.finished = finish_reason is not None
         scored = (logprobs,) if logprobs is not None and not ends else ()
         prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, ()
-        return SequenceDelta(self.index, text, self.generated, finish_reason, scored, prompt_logprobs=prompt_logprobs)
+        cached_tokens, self.cached_tokens = self.cached_tokens, 0
+        return SequenceDelta(
+            self.index, text, self.generated, finish_reason, scored,
+            prompt_logprobs=prompt_logprobs, cached_tokens=cached_tokens,
+        )
 
     @property
     def masked(self) -> bool:
@@ -171,7 +181,7 @@ class Delivery:
                 continue
             admission = row.admission
             if admission.request.cancelled.is_set():
-                row.finished = True
+                row.finished = row.dropped = True
                 dropped[id(admission)] = admission
                 continue
             delta = row.advance(token_id, self.eos_token_ids, self._logprobs(row, position, token_id, scores))

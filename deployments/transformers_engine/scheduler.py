@@ -22,7 +22,10 @@ import torch
 
 from deployments.engine import END_OF_STEPS, merge_steps
 from deployments.protocol import SequenceDelta
+from deployments import metrics
+from deployments.transformers_engine import kv_cache
 from deployments.transformers_engine.decoding import Decoding, LoadedModel, Prefilled
+from deployments.transformers_engine.prefix_cache import BLOCK_TOKENS, NO_PREFIX, PrefixCache
 from deployments.transformers_engine.prompt_scores import PromptScores
 from deployments.transformers_engine.rows import Admission, Delivery
 
@@ -46,21 +49,24 @@ PREFILL_PADDING_ALLOWANCE = 16
 BROKEN_AFTER_FAILURES = 3
 
 
-def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
-    """Splits an admission wave (prompt lengths) into groups prefilled together, shortest
-    first, so that left padding wastes little: under mixed load, one wave padded to its
-    longest prompt computed 2.4 times the real prompt tokens (bench/throughput.py mix).
-    Returns indices into ``lengths``."""
+def prefill_groups(shapes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Splits an admission wave into groups prefilled together, so that padding wastes
+    little: under mixed load, one wave padded to its longest prompt computed 2.4 times
+    the real prompt tokens (bench/throughput.py mix). ``shapes``: per prompt, the tokens
+    it has from the prefix cache and the tokens left to prefill; a group pads both to
+    its widest, so each must stay within the padding share. Returns indices into
+    ``shapes``, groups of the shortest first."""
+
+    def padded_within_share(widths: list[int]) -> bool:
+        return max(widths) * len(widths) <= sum(widths) * (1 + PREFILL_PADDING_SHARE) + PREFILL_PADDING_ALLOWANCE
+
     groups: list[list[int]] = []
-    useful = 0
-    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
-        width = lengths[index]  # ascending: the newest prompt is the group's widest
-        if groups and width * (len(groups[-1]) + 1) <= (useful + width) * (1 + PREFILL_PADDING_SHARE) + PREFILL_PADDING_ALLOWANCE:
-            groups[-1].append(index)
-            useful += width
+    for index in sorted(range(len(shapes)), key=shapes.__getitem__):
+        group = [*groups[-1], index] if groups else []
+        if group and all(padded_within_share([shapes[i][part] for i in group]) for part in (0, 1)):
+            groups[-1] = group
         else:
             groups.append([index])
-            useful = width
     return groups
 
 
@@ -122,10 +128,12 @@ class _Prefill:
     iteration, before they join the running batch."""
 
     admitted: list[Admission]
-    input_ids: torch.Tensor  # [requests, width], left-padded prompts
+    input_ids: torch.Tensor  # [requests, width]: left-padded, what each prompt has not cached
+    # [requests, past + width]: the cached prefixes (ending at column ``past``), then the rest
     attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    done: int = 0  # columns already run
+    position_ids: torch.Tensor  # [requests, width]
+    past: int = 0  # columns of cached prefixes, in ``cache`` from the start
+    done: int = 0  # columns of input_ids already run
     cache: object = None
     scores: PromptScores | None = None  # when a request asked for prompt log probabilities
 
@@ -146,6 +154,7 @@ class Scheduler:
         joinable: whether prefilled rows can join running ones (else a wave is taken whole).
         slot_for: ``(adapter, in_use) -> slot or None`` when the model has LoRA adapters.
         batch_wait_timeout_s: how long an idle scheduler waits for requests sent together.
+        prefix_cache: where prompts find the KV of prefixes already computed, if enabled.
     """
 
     def __init__(
@@ -156,8 +165,10 @@ class Scheduler:
         joinable: bool,
         slot_for: Callable[[str, set], int | None] | None,
         batch_wait_timeout_s: float,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self._model, self._delivery, self._decoding = model, delivery, decoding
+        self._prefix_cache = prefix_cache
         self._joinable, self._slot_for = joinable, slot_for
         self._batch_wait_timeout_s = batch_wait_timeout_s
         self.prefill_chunk_tokens = GPU_PREFILL_CHUNK_TOKENS if model.device == "cuda" else PREFILL_CHUNK_TOKENS
@@ -260,8 +271,10 @@ class Scheduler:
             if request.cancelled.is_set():
                 waiting.popleft().deliver(END_OF_STEPS)
                 continue
+            waiting[0].prefix = self._cached_prefix(request)
+            uncached = len(request.prompt_token_ids) - waiting[0].prefix.tokens  # a row computes only these
             too_many = request.num_return_sequences > free
-            too_long = admitted and prefill_tokens + len(request.prompt_token_ids) > MAX_PREFILL_TOKENS
+            too_long = admitted and prefill_tokens + uncached > MAX_PREFILL_TOKENS
             if too_many or too_long:
                 break
             if request.adapter is not None:
@@ -272,8 +285,19 @@ class Scheduler:
                 waiting[0].adapter_slot = slot
             admitted.append(waiting.popleft())
             free -= request.num_return_sequences
-            prefill_tokens += len(request.prompt_token_ids)
+            prefill_tokens += uncached
+            if self._prefix_cache is not None:
+                metrics.record_prefix_cache_lookup(
+                    self._model.name, len(request.prompt_token_ids), admitted[-1].prefix.tokens
+                )
         return admitted
+
+    def _cached_prefix(self, request):
+        """The prefix cache's longest prefix of the request's prompt; none for a
+        request that scores its prompt (every position's logits are computed)."""
+        if self._prefix_cache is None or request.prompt_logprobs is not None:
+            return NO_PREFIX
+        return self._prefix_cache.lookup(request.prompt_token_ids, request.adapter)
 
     def _start_prefills(self, admitted: list[Admission]) -> list[_Prefill]:
         started = time.monotonic()
@@ -286,27 +310,40 @@ class Scheduler:
         prefills = []
         for scoring in (False, True):
             wave = [admission for admission in admitted if (admission.request.prompt_logprobs is not None) == scoring]
-            groups = prefill_groups([len(admission.request.prompt_token_ids) for admission in wave])
+            groups = prefill_groups(
+                [(a.prefix.tokens, len(a.request.prompt_token_ids) - a.prefix.tokens) for a in wave]
+            )
             prefills += [self._start_prefill([wave[index] for index in group]) for group in groups]
         return prefills
 
     def _start_prefill(self, admitted: list[Admission]) -> _Prefill:
+        """The group's prompts, left-padded, after their cached prefixes (themselves
+        left-padded to the longest of them, in the cache the prefill starts from)."""
         prompts = [admission.request.prompt_token_ids for admission in admitted]
-        width = max(len(prompt) for prompt in prompts)
+        cached = [admission.prefix.tokens for admission in admitted]
+        past = max(cached)
+        width = max(len(prompt) - skip for prompt, skip in zip(prompts, cached, strict=True))
         input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[row, width - len(prompt) :] = 1
+        attention_mask = torch.zeros(len(prompts), past + width, dtype=torch.long)
+        position_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, (prompt, skip) in enumerate(zip(prompts, cached, strict=True)):
+            rest = len(prompt) - skip
+            input_ids[row, width - rest :] = torch.tensor(prompt[skip:], dtype=torch.long)
+            attention_mask[row, past - skip : past] = 1
+            attention_mask[row, past + width - rest :] = 1
+            position_ids[row, width - rest :] = torch.arange(skip, len(prompt))
         device = self._model.device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention_mask, position_ids = input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+        cache = None
+        if past:
+            prefixes = [admission.prefix.layers() if admission.prefix.tokens else None for admission in admitted]
+            cache = kv_cache.of_prefixes(prefixes, past)
         scores = None
         if any(admission.request.prompt_logprobs is not None for admission in admitted):
             scores = PromptScores(
                 [admission.request.prompt_logprobs for admission in admitted], prompts, self._delivery.token_text
             )
-        return _Prefill(admitted, input_ids, attention_mask, position_ids, scores=scores)
+        return _Prefill(admitted, input_ids, attention_mask, position_ids, past=past, cache=cache, scores=scores)
 
     @torch.inference_mode()
     def _prefill_chunk(self, prefill: _Prefill, whole: bool = False) -> Prefilled | None:
@@ -325,7 +362,7 @@ class Scheduler:
         self._model.use_adapters([admission.adapter_slot for admission in prefill.admitted])
         inputs = dict(
             input_ids=prefill.input_ids[:, prefill.done : end],
-            attention_mask=prefill.attention_mask[:, :end],
+            attention_mask=prefill.attention_mask[:, : prefill.past + end],
             position_ids=prefill.position_ids[:, prefill.done : end],
         )
         if scored_by_head:  # the backbone's states, the head applied by the scorer in chunks
@@ -352,6 +389,8 @@ class Scheduler:
         the scores with its first delta; one that asked for no new token (echo with
         max_new_tokens 0) ends here: None when no row is left."""
         cache, admitted = prefill.cache, prefill.admitted
+        if self._prefix_cache is not None:
+            self._keep_prompts(prefill)
         rows = []
         for position, admission in enumerate(admitted):
             request = admission.request
@@ -364,7 +403,8 @@ class Scheduler:
                 continue
             for index in range(request.num_return_sequences):
                 row = self._delivery.row(admission, index)
-                row.prompt_logprobs = scored if index == 0 else ()
+                if index == 0:
+                    row.prompt_logprobs, row.cached_tokens = scored, admission.prefix.tokens
                 rows.append(row)
         if not rows:
             return None
@@ -381,3 +421,13 @@ class Scheduler:
             last_position=prefill.position_ids[fan_out, -1],
             logits=logits[fan_out],
         )
+
+    def _keep_prompts(self, prefill: _Prefill) -> None:
+        """Puts the blocks of the group's prompts that the prefix cache lacks into it."""
+        for position, admission in enumerate(prefill.admitted):
+            request, start = admission.request, admission.prefix.tokens
+            whole_blocks = len(request.prompt_token_ids) // BLOCK_TOKENS * BLOCK_TOKENS
+            if whole_blocks > start:
+                columns = prefill.attention_mask[position].nonzero().flatten()[start:whole_blocks]
+                history = kv_cache.row_history(prefill.cache, position, columns)
+                self._prefix_cache.store(request.prompt_token_ids, request.adapter, history, start=start)

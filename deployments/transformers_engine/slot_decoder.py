@@ -267,12 +267,11 @@ class SlotDecoder:
         assert count <= self.free_slots, (count, self.free_slots)
         device = logits.device
         lengths = [len(prompt) for prompt in prompts]
-        # Row r's prompt is its last lengths[r] columns; it moves to positions 0.. of its slot.
+        # Row r's prompt is in its unmasked columns (a cached prefix and the rest may have
+        # masked columns between them); it moves to positions 0.. of its slot.
         source_rows, source_columns = attention_mask.nonzero(as_tuple=True)
-        width = attention_mask.shape[1]
-        padding = width - torch.tensor(lengths, device=device)
         target_slots = source_rows + first
-        target_positions = source_columns - padding[source_rows]
+        target_positions = (attention_mask.cumsum(-1) - 1)[source_rows, source_columns]
         for layer, cached in enumerate(cache.layers):
             for kind, history in enumerate((cached.keys, cached.values)):
                 self._cache.kv[layer, kind][target_slots, :, target_positions] = history[source_rows, :, source_columns]
@@ -424,6 +423,11 @@ class SlotDecoder:
         self._graphs[key] = graph
         logger.info("captured decode graph for %d rows x %d columns (sampling: %s, constrained: %s, scored: %s)", *key)
         return graph
+
+    def history(self, row: int, start: int, end: int) -> torch.Tensor:
+        """Row ``row``'s keys and values of positions start..end, ``[layers, 2, kv_heads,
+        end - start, head_dim]`` (a view: copy what is kept)."""
+        return self._cache.kv[:, :, row, :, start:end]
 
     def remove(self, leaving: Sequence[int]) -> None:
         """Frees the slots of rows ``leaving`` (indices into ``rows``); the last rows move

@@ -11,13 +11,16 @@ import torch
 
 from deployments import metrics
 from deployments.transformers_engine.decoding import Decoding, LoadedModel, Prefilled
+from deployments.transformers_engine.prefix_cache import PrefixCache
 from deployments.transformers_engine.rows import Delivery, Row
 from deployments.transformers_engine.slot_decoder import SlotDecoder, Tokens
 
 
 class SlotDecoding(Decoding):
-    def __init__(self, model: LoadedModel, delivery: Delivery, decoder: SlotDecoder) -> None:
-        super().__init__(model, delivery)
+    def __init__(
+        self, model: LoadedModel, delivery: Delivery, decoder: SlotDecoder, prefix_cache: PrefixCache | None = None
+    ) -> None:
+        super().__init__(model, delivery, prefix_cache)
         self.decoder = decoder
         self._in_flight: deque[Tokens] = deque()
 
@@ -62,7 +65,12 @@ class SlotDecoding(Decoding):
         while len(self._in_flight) > keep:
             tokens = self._in_flight.popleft()
             self.delivery.deliver(tokens.rows, tokens.token_ids(), tokens.scores)
-            self.decoder.remove([position for position, row in enumerate(self.decoder.rows) if row.finished])
+            leaving = [position for position, row in enumerate(self.decoder.rows) if row.finished]
+            for position in leaving:
+                self._keep_answer(
+                    self.decoder.rows[position], lambda start, end, row_at=position: self.decoder.history(row_at, start, end)
+                )
+            self.decoder.remove(leaving)
 
     def rows(self) -> list[Row]:
         return [*self.decoder.rows, *(row for tokens in self._in_flight for row in tokens.rows)]

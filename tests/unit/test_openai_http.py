@@ -235,9 +235,23 @@ def test_a_response_format_that_cannot_be_served_is_a_400_naming_it(client, resp
     assert caught.value.body["param"] == param and message in caught.value.body["message"]
 
 
-def test_usage_says_no_prompt_tokens_were_cached(client):
-    completion = client.completions.create(model="fake", prompt="a", max_tokens=2)
-    assert completion.usage.prompt_tokens_details.cached_tokens == 0
+def test_usage_says_how_many_prompt_tokens_came_from_the_prefix_cache(client):
+    """The fake engine reports the characters shared with its previous prompt; each
+    route says them, streamed (at the end, and with continuous usage) or not."""
+    first = client.completions.create(model="fake", prompt="zq", max_tokens=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.completions.create(model="fake", prompt="zq and more", max_tokens=2)
+    assert again.usage.prompt_tokens_details.cached_tokens == 2
+    stream = client.completions.create(
+        model="fake", prompt="zq and less", max_tokens=3, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},  # vLLM's extension: usage on every chunk
+    )
+    usages = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert {usage.prompt_tokens_details.cached_tokens for usage in usages} == {7}
+    chat = client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "zq"}], max_tokens=2)
+    chat_again = client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "zq!"}], max_tokens=2)
+    assert chat.usage.prompt_tokens_details.cached_tokens == 0
+    assert chat_again.usage.prompt_tokens_details.cached_tokens == len("user: zq")
 
 
 def test_echo_scores_come_back_in_openais_legacy_shape(client):

@@ -319,18 +319,24 @@ def test_chunked_prefill_gives_the_same_text(tiny_model_dir):
 def test_prefill_groups_keep_padding_small_and_short_prompts_first():
     from deployments.transformers_engine.scheduler import prefill_groups
 
+    def uncached(*lengths):
+        return [(0, length) for length in lengths]
+
     # Short prompts share a pass (a few columns of padding are allowed), long ones
     # group with long ones, and no prompt pads a much shorter one to its width.
-    assert prefill_groups([300, 5, 12, 280, 8, 400]) == [[1, 4, 2], [3, 0, 5]]
-    assert prefill_groups([300, 5, 150]) == [[1], [2], [0]]
-    assert prefill_groups([7]) == [[0]]
+    assert prefill_groups(uncached(300, 5, 12, 280, 8, 400)) == [[1, 4, 2], [3, 0, 5]]
+    assert prefill_groups(uncached(300, 5, 150)) == [[1], [2], [0]]
+    assert prefill_groups(uncached(7)) == [[0]]
     assert prefill_groups([]) == []
     lengths = [3, 50, 9, 120, 118, 1, 60, 64, 300]
-    groups = prefill_groups(lengths)
+    groups = prefill_groups(uncached(*lengths))
     assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
     for group in groups:
         useful = sum(lengths[i] for i in group)
         assert max(lengths[i] for i in group) * len(group) <= useful * 1.25 + 16
+    # Cached prefixes are padded to the group's longest too: a prompt with 1,000 tokens
+    # cached does not share a pass with one that has none, however alike what is left.
+    assert prefill_groups([(1000, 20), (0, 22), (992, 24), (0, 1020)]) == [[1], [3], [2, 0]]
 
 
 def test_steps_a_slow_reader_missed_arrive_merged():
