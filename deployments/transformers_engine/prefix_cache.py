@@ -40,17 +40,19 @@ def block_hashes(token_ids: Sequence[int], adapter: str | None) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class CachedPrefix:
-    """What a lookup found: the first ``tokens`` tokens' KV, block by block."""
+    """What a lookup found: the first ``tokens`` tokens' KV, block by block, and the
+    hash of the first whole block not found (None: none left to compute)."""
 
     tokens: int
     blocks: tuple[torch.Tensor, ...]
+    next_block: int | None = None
 
     def layers(self) -> torch.Tensor:
         """The whole prefix as one tensor ``[layers, 2, kv_heads, tokens, head_dim]``."""
         return torch.cat(self.blocks, dim=3)
 
 
-NO_PREFIX = CachedPrefix(0, ())
+NO_PREFIX = CachedPrefix(0, ())  # also what a prompt that skips the cache gets
 
 
 class PrefixCache:
@@ -74,16 +76,16 @@ class PrefixCache:
         """The longest cached prefix of ``token_ids`` short of its last token (whose
         logits the caller needs, so it is always computed). The blocks found are
         the caller's to copy: evicting them later takes nothing from it."""
-        found = []
-        for block_hash in block_hashes(token_ids[:-1], adapter):
-            block = self._blocks.get(block_hash)
-            if block is None:
-                break
-            found.append(block_hash)
-        self._touch(found)
-        if not found:
-            return NO_PREFIX
-        return CachedPrefix(len(found) * BLOCK_TOKENS, tuple(self._blocks[block_hash] for block_hash in found))
+        hashes = block_hashes(token_ids[:-1], adapter)
+        found = 0
+        while found < len(hashes) and hashes[found] in self._blocks:
+            found += 1
+        self._touch(hashes[:found])
+        return CachedPrefix(
+            found * BLOCK_TOKENS,
+            tuple(self._blocks[block_hash] for block_hash in hashes[:found]),
+            next_block=hashes[found] if found < len(hashes) else None,
+        )
 
     def store(self, token_ids: Sequence[int], adapter: str | None, history: torch.Tensor, start: int = 0) -> None:
         """Keeps the whole blocks of ``token_ids`` not kept yet. ``history`` holds the

@@ -262,8 +262,15 @@ class Scheduler:
         """The waiting requests that fit in the free rows now, first come first served;
         those whose caller left before they started are dropped on the way. A request
         whose adapter finds no slot (every slot holds one that running rows use) waits,
-        and the requests behind it with it."""
+        and the requests behind it with it.
+
+        A request whose next uncached block a request of this wave computes waits for
+        the next wave, when it finds that block in the prefix cache (SGLang's in-batch
+        prefix caching): sixteen chats sent at once with one 1,000-token system prompt
+        then prefill it once, not sixteen times."""
         admitted: list[Admission] = []
+        deferred: list[Admission] = []
+        computed_in_wave: set[int] = set()  # the first uncached block of each admitted prompt
         free = self._decoding.free_rows()
         prefill_tokens = 0
         while waiting:
@@ -272,6 +279,10 @@ class Scheduler:
                 waiting.popleft().deliver(END_OF_STEPS)
                 continue
             waiting[0].prefix = self._cached_prefix(request)
+            next_block = waiting[0].prefix.next_block
+            if next_block is not None and next_block in computed_in_wave:
+                deferred.append(waiting.popleft())
+                continue
             uncached = len(request.prompt_token_ids) - waiting[0].prefix.tokens  # a row computes only these
             too_many = request.num_return_sequences > free
             too_long = admitted and prefill_tokens + uncached > MAX_PREFILL_TOKENS
@@ -286,10 +297,13 @@ class Scheduler:
             admitted.append(waiting.popleft())
             free -= request.num_return_sequences
             prefill_tokens += uncached
+            if next_block is not None:
+                computed_in_wave.add(next_block)
             if self._prefix_cache is not None:
                 metrics.record_prefix_cache_lookup(
                     self._model.name, len(request.prompt_token_ids), admitted[-1].prefix.tokens
                 )
+        waiting.extendleft(reversed(deferred))  # first in line again, in their order
         return admitted
 
     def _cached_prefix(self, request):

@@ -186,6 +186,15 @@ def test_a_batch_mixing_cached_and_new_prompts_decodes_as_without_the_cache(engi
     assert cached[5]["cached"] == 0
 
 
+def test_prompts_sent_together_prefill_their_shared_prefix_once(engines):
+    """The first of them computes it; the others wait one wave and find it cached."""
+    shared = list(range(5000, 5070))
+    wave = [with_logprobs(ids(shared, ask)) for ask in ASKS[:4]]
+    cached = generate(engines["cached"], *wave)
+    assert_same_output(cached, generate(engines["uncached"], *wave))
+    assert [result["cached"] for result in cached] == [0, *(whole_blocks(len(shared)) for _ in ASKS[1:4])]
+
+
 def test_a_full_cache_evicts_and_still_gives_the_same_output(engines):
     cache = engines["cached"]._prefix_cache
     budget = cache.budget_bytes
