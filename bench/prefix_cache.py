@@ -30,6 +30,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,10 +57,10 @@ def token_count(engine: TransformersEngine, text: str) -> int:
     return len(engine.tokenize(TokenizeParams(prompt=text)))
 
 
-def system_prompt(engine: TransformersEngine, tokens: int) -> str:
-    """Instructions of about ``tokens`` tokens."""
+def system_prompt(count_tokens: Callable[[str], int], tokens: int) -> str:
+    """Instructions of at most ``tokens`` tokens, as ``count_tokens`` counts them."""
     words = tokens
-    while token_count(engine, prose(0, words)) > tokens:
+    while count_tokens(prose(0, words)) > tokens:
         words -= 10
     return prose(0, words)
 
@@ -176,7 +177,7 @@ def main() -> None:
     for name, megabytes in (("cache_on", None), ("cache_off", 0)):
         engines[name] = TransformersEngine(ModelConfig(max_batch_size=args.conversations, prefix_cache_mb=megabytes), "cpu")
         engines[name].load()
-    system = system_prompt(engines["cache_on"], args.system_tokens)
+    system = system_prompt(lambda text: token_count(engines["cache_on"], text), args.system_tokens)
     loads = args.loads.split(",")
     record = {
         "machine": machine(),

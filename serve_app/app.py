@@ -11,6 +11,7 @@ from typing import Literal
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments.model_server import ModelServer
 from serve_app.args import Accelerator, AppArgs, ModelArgs
@@ -51,6 +52,11 @@ def model_deployment_options(model: ModelArgs, accelerator: Literal["gpu", "cpu"
         # after a few tries with the replica's error in `serve status`, not after 20.
         "max_constructor_retry_count": MODEL_START_ATTEMPTS,
     }
+    if model.request_router == "prefix_affinity":
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class="serve_app.routing:PrefixAffinityRouter",
+            request_router_kwargs={"imbalance_requests": model.routing_imbalance_requests},
+        )
     if model.autoscaling is not None:
         options["autoscaling_config"] = model.autoscaling.to_serve_config(model.max_batch_size)
     else:

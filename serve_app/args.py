@@ -227,6 +227,23 @@ class ModelArgs(ModelConfig):
         ge=0,
         description="On shutdown or scale-down, how long a replica may finish in-flight generations.",
     )
+    request_router: Literal["prefix_affinity", "power_of_two"] = Field(
+        default="prefix_affinity",
+        description=(
+            "How the ingress picks a replica for a request: `prefix_affinity` sends requests that "
+            "start alike (every turn of a conversation) to the same replica, whose prefix cache holds "
+            "their prefix, unless it is much busier than another (serve_app/routing.py); "
+            "`power_of_two`: Serve's default, the less loaded of two at random."
+        ),
+    )
+    routing_imbalance_requests: int = Field(
+        default=8,
+        ge=0,
+        description=(
+            "With prefix_affinity: how many more requests than the least loaded replica a "
+            "replica may hold and still get the requests of its prefixes."
+        ),
+    )
 
     @model_validator(mode="after")
     def _replicas_and_batching_agree(self) -> "ModelArgs":

@@ -352,6 +352,8 @@ class Scheduler:
         if past:
             prefixes = [admission.prefix.layers() if admission.prefix.tokens else None for admission in admitted]
             cache = kv_cache.of_prefixes(prefixes, past)
+            for admission in admitted:  # copied: the blocks may go when the cache evicts them
+                admission.prefix = dataclasses.replace(admission.prefix, blocks=())
         scores = None
         if any(admission.request.prompt_logprobs is not None for admission in admitted):
             scores = PromptScores(

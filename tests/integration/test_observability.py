@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).parents[2]
 MODEL = "observed-tiny"
+PROMPT = "Count me in: one, two, three, four, five, six, seven, eight, nine, ten, eleven."
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,8 @@ def traffic(observed):
         responses.append(
             httpx.post(
                 f"{observed}/generate",
-                json={"prompt": "Count me", "max_new_tokens": 5, "temperature": 0},
+                # Longer than a prefix-cache block: every request after the first reuses it.
+                json={"prompt": PROMPT, "max_new_tokens": 5, "temperature": 0},
                 headers={"X-Forwarded-For": client, "X-Request-ID": f"observed-{len(responses)}"},
                 timeout=60,
             )
@@ -113,6 +115,13 @@ def test_prometheus_sees_exactly_what_was_sent(prometheus, traffic):
     wait_for_value(prometheus, f'sum(ray_textgen_requests_total{{model="{MODEL}",status_code="429"}})', 1)
     wait_for_value(prometheus, f'sum(ray_textgen_time_to_first_token_seconds_count{{model="{MODEL}"}})', 9)
     wait_for_value(prometheus, f'sum(ray_textgen_request_latency_seconds_count{{model="{MODEL}"}})', 10)
+    wait_for_value(prometheus, f'sum(ray_textgen_prefix_cache_lookups_total{{model="{MODEL}"}})', 9)
+    wait_for_value(prometheus, f'sum(ray_textgen_prefix_cache_queried_tokens_total{{model="{MODEL}"}})', prompt_tokens)
+    # Whole 16-token blocks short of the last token; each replica's first request finds none.
+    hit = query(prometheus, f'sum(ray_textgen_prefix_cache_hit_tokens_total{{model="{MODEL}"}})')
+    per_request = (prompt_tokens // 9 - 1) // 16 * 16
+    assert hit in {per_request * hits for hits in (7, 8)} and per_request > 0, (hit, per_request)
+    assert query(prometheus, f'sum(ray_textgen_prefix_cache_bytes{{model="{MODEL}"}})') > 0
     assert query(prometheus, 'sum(ray_textgen_rate_limited_total{route="/generate"})') >= 1
 
 
@@ -152,7 +161,9 @@ def test_design_metrics_are_all_exported(cluster, traffic):
         "ray_textgen_completion_tokens_total", "ray_textgen_request_latency_seconds_bucket",
         "ray_textgen_time_to_first_token_seconds_bucket", "ray_textgen_queue_time_seconds_bucket",
         "ray_textgen_batch_size_bucket", "ray_textgen_model_load_seconds_bucket", "ray_textgen_sequences",
-        "ray_textgen_token_backlog",
+        "ray_textgen_token_backlog", "ray_textgen_prefix_cache_lookups_total",
+        "ray_textgen_prefix_cache_queried_tokens_total", "ray_textgen_prefix_cache_hit_tokens_total",
+        "ray_textgen_prefix_cache_bytes",
     }
     deadline = time.monotonic() + 30
     while (missing := design - exported_names(cluster.metrics_url)) and time.monotonic() < deadline:

@@ -110,6 +110,15 @@ def test_deployment_options_carry_scaling_and_concurrency():
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
 
 
+def test_model_replicas_are_chosen_by_prefix_unless_serves_default_is_asked_for():
+    router = model_deployment_options(ModelArgs(routing_imbalance_requests=3), "cpu")["request_router_config"]
+    assert router.request_router_class == "serve_app.routing:PrefixAffinityRouter"
+    assert router.request_router_kwargs == {"imbalance_requests": 3}
+    assert "request_router_config" not in model_deployment_options(ModelArgs(request_router="power_of_two"), "cpu")
+    with pytest.raises(ValidationError, match="request_router"):
+        ModelArgs(request_router="round_robin")
+
+
 def test_builder_binds_one_deployment_per_model_behind_the_ingress():
     on_demand = ModelArgs(name="b/c", autoscaling=AutoscalingArgs(min_replicas=0, max_replicas=2),
                           adapters={"tuned": "/adapters/tuned"})
