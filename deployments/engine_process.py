@@ -163,27 +163,33 @@ class EngineProcess(Engine):
         logger.info("engine process %d serves %s", self._process.pid, self.config.name)
 
     def _wait_until_loaded(self) -> tuple[ModelStatus, object]:
+        """The engine's status and frontend state once it has loaded; metrics it records
+        meanwhile (its scheduler starts within load) are recorded on the way."""
         deadline = time.monotonic() + self.config.load_timeout_s
-        while not self._connection.poll(1.0):
-            if self._process.poll() is not None:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"model {self.config.name} did not load within load_timeout_s="
-                    f"{self.config.load_timeout_s:g} s; the engine process was stopped"
-                )
-        try:
-            message = self._connection.recv()
-        except (EOFError, OSError):
-            code = self._process.wait()
-            raise RuntimeError(
-                f"the engine process exited with code {code} while loading model "
-                f"{self.config.name}; its log is the replica's"
-            ) from None
-        if message[0] == "load_failed":
-            raise message[1]
-        _, status, frontend_state = message
-        return status, frontend_state
+        while True:
+            while not self._connection.poll(1.0):
+                if self._process.poll() is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"model {self.config.name} did not load within load_timeout_s="
+                        f"{self.config.load_timeout_s:g} s; the engine process was stopped"
+                    )
+            try:
+                message = self._connection.recv()
+            except (EOFError, OSError):
+                code = self._process.wait()
+                raise RuntimeError(
+                    f"the engine process exited with code {code} while loading model "
+                    f"{self.config.name}; its log is the replica's"
+                ) from None
+            if message[0] == "metric":
+                metrics.record_by_name(message[1], message[2])
+                continue
+            if message[0] == "load_failed":
+                raise message[1]
+            _, status, frontend_state = message
+            return status, frontend_state
 
     def status(self) -> ModelStatus:
         self.check_health()  # a broken engine is not ready

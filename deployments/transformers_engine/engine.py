@@ -157,7 +157,7 @@ class TransformersEngine(Engine):
         joinable = kv_cache.can_join(loaded.cache_of(probe))
         # Sliding-window layers drop history: their prefixes cannot be kept.
         prefix_bytes = self._prefix_cache_bytes() if joinable else 0
-        self._prefix_cache = PrefixCache(prefix_bytes, self.config.name) if prefix_bytes else None
+        self._prefix_cache = PrefixCache(prefix_bytes) if prefix_bytes else None
         self._decoding = self._choose_decoding(loaded, probe, joinable, prefix_bytes)
         self._scheduler = Scheduler(
             loaded, self._delivery, self._decoding, joinable,

@@ -20,8 +20,6 @@ from collections.abc import Sequence
 
 import torch
 
-from deployments import metrics
-
 # Tokens per block: smaller blocks reuse more of a prefix that diverges mid-block, larger
 # ones cost fewer lookups and copies (vLLM's default is 16).
 BLOCK_TOKENS = 16
@@ -60,13 +58,11 @@ class PrefixCache:
 
     Args:
         budget_bytes: what the blocks may take at most.
-        model: the served model's name (metrics).
     """
 
-    def __init__(self, budget_bytes: int, model: str) -> None:
+    def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self.bytes = 0
-        self._model = model
         self._blocks: OrderedDict[int, torch.Tensor] = OrderedDict()  # least recently used first
 
     def __len__(self) -> int:
@@ -109,7 +105,6 @@ class PrefixCache:
             self._blocks[block_hash] = history[:, :, :, offset : offset + BLOCK_TOKENS].clone()
             self.bytes += block_bytes
         self._touch([block_hash for block_hash in hashes if block_hash in self._blocks])
-        metrics.record_prefix_cache_bytes(self._model, self.bytes)
 
     def _touch(self, chain: list[int]) -> None:
         """Marks a chain as just used, its start the most recent: its end goes first."""
@@ -128,4 +123,3 @@ class PrefixCache:
     def clear(self) -> None:
         self._blocks.clear()
         self.bytes = 0
-        metrics.record_prefix_cache_bytes(self._model, 0)

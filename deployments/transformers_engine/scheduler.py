@@ -47,6 +47,9 @@ PREFILL_PADDING_SHARE = 0.25
 PREFILL_PADDING_ALLOWANCE = 16
 # Failed scheduler iterations in a row after which the engine reports itself broken.
 BROKEN_AFTER_FAILURES = 3
+# How often the prefix cache's size gauge is recorded again, idle too: Ray drops a
+# gauge's value not recorded within about two metric report intervals.
+GAUGE_REFRESH_S = 1.0
 
 
 def prefill_groups(shapes: Sequence[tuple[int, int]]) -> list[list[int]]:
@@ -177,6 +180,7 @@ class Scheduler:
         self._failures_in_a_row = 0
         self.broken: str | None = None  # why the engine can no longer serve
         self.iteration_started: float | None = None  # None while idle
+        self._gauges_recorded = 0.0  # when (monotonic)
         self._thread = threading.Thread(target=self._schedule_forever, name="textgen-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -200,9 +204,13 @@ class Scheduler:
         decoding = self._decoding
         prefills: deque[_Prefill] = deque()  # the admitted wave, a group at a time
         while not self._closed.is_set():
+            self._record_gauges()
             if not decoding.busy and not prefills and not waiting:
                 self.iteration_started = None
-                arrival = self._arrivals.get()  # idle: sleep until a request comes
+                try:  # idle: sleep until a request comes
+                    arrival = self._arrivals.get(timeout=GAUGE_REFRESH_S if self._prefix_cache else None)
+                except queue.Empty:
+                    continue
                 if arrival is None:  # close() woke the loop
                     continue
                 waiting.append(arrival)
@@ -238,6 +246,12 @@ class Scheduler:
         closed = RuntimeError("the engine was closed")
         for admission in [*self._admissions_in(prefills), *waiting]:
             admission.deliver(closed)
+
+    def _record_gauges(self) -> None:
+        now = time.monotonic()
+        if self._prefix_cache is not None and now - self._gauges_recorded >= GAUGE_REFRESH_S:
+            metrics.record_prefix_cache_bytes(self._model.name, self._prefix_cache.bytes)
+            self._gauges_recorded = now
 
     def _admissions_in(self, prefills: deque[_Prefill]) -> list[Admission]:
         """The requests with rows being decoded or prompts in ``prefills``, each once."""

@@ -38,7 +38,7 @@ def test_a_block_is_known_by_its_tokens_and_everything_before_them():
 
 
 def test_a_lookup_finds_the_longest_prefix_short_of_the_last_token():
-    cache = PrefixCache(1 << 20, "tiny")
+    cache = PrefixCache(1 << 20)
     tokens = list(range(3 * BLOCK_TOKENS))
     cache.store(tokens, None, history(3))
     assert cache.lookup(tokens, None).tokens == 2 * BLOCK_TOKENS, "the last token's logits are always computed"
@@ -50,7 +50,7 @@ def test_a_lookup_finds_the_longest_prefix_short_of_the_last_token():
 
 
 def test_storing_from_a_cached_prefix_copies_only_the_new_blocks():
-    cache = PrefixCache(1 << 20, "tiny")
+    cache = PrefixCache(1 << 20)
     tokens = list(range(4 * BLOCK_TOKENS))
     cache.store(tokens[: 2 * BLOCK_TOKENS], None, history(2))
     rest = history(tokens=2 * BLOCK_TOKENS) + 2 * BLOCK_TOKENS  # positions 32.. of the row
@@ -61,7 +61,7 @@ def test_storing_from_a_cached_prefix_copies_only_the_new_blocks():
 
 def test_the_least_recently_used_chain_goes_first_and_its_end_before_its_start():
     block_bytes = history(1).numel() * 4
-    cache = PrefixCache(4 * block_bytes, "tiny")
+    cache = PrefixCache(4 * block_bytes)
     old, new = list(range(3 * BLOCK_TOKENS)), list(range(500, 500 + 2 * BLOCK_TOKENS))
     cache.store(old, None, history(3))
     cache.store(new, None, history(2))  # 5 blocks > 4: old's last block goes
