@@ -20,12 +20,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from deployments.engine import END_OF_STEPS, merge_steps
+from deployments.engine import END_OF_STEPS, PreparedRequest, merge_steps
 from deployments.protocol import SequenceDelta
 from deployments import metrics
 from deployments.transformers_engine import kv_cache
 from deployments.transformers_engine.decoding import Decoding, LoadedModel, Prefilled
-from deployments.transformers_engine.prefix_cache import BLOCK_TOKENS, NO_PREFIX, PrefixCache
+from deployments.transformers_engine.prefix_cache import BLOCK_TOKENS, NO_PREFIX, CachedPrefix, PrefixCache
 from deployments.transformers_engine.prompt_scores import PromptScores
 from deployments.transformers_engine.rows import Admission, Delivery
 
@@ -153,7 +153,6 @@ class Scheduler:
         model: the model, as prefill calls it.
         delivery: makes the rows of prefilled requests.
         decoding: the running rows' strategy.
-        max_rows: rows the decoding holds at most.
         joinable: whether prefilled rows can join running ones (else a wave is taken whole).
         slot_for: ``(adapter, in_use) -> slot or None`` when the model has LoRA adapters.
         batch_wait_timeout_s: how long an idle scheduler waits for requests sent together.
@@ -320,7 +319,7 @@ class Scheduler:
         waiting.extendleft(reversed(deferred))  # first in line again, in their order
         return admitted
 
-    def _cached_prefix(self, request):
+    def _cached_prefix(self, request: PreparedRequest) -> CachedPrefix:
         """The prefix cache's longest prefix of the request's prompt; none for a
         request that scores its prompt (every position's logits are computed)."""
         if self._prefix_cache is None or request.prompt_logprobs is not None:

@@ -237,10 +237,13 @@ def test_killing_a_model_replica_under_load(serve_base_url, cluster, tiny_model_
             with httpx.Client(timeout=30) as http:
                 while not stop.is_set():
                     started = time.perf_counter()
-                    request_id = f"{target.replace(' ', '-')}-kill-{next(numbers)}"
+                    number = next(numbers)
+                    request_id = f"{target.replace(' ', '-')}-kill-{number}"
                     try:
+                        # Prompts of their own: prefix-aware routing spreads them over
+                        # both replicas (one prompt for all would keep to one).
                         status = http.post(
-                            f"{url}/generate", json={"prompt": "Steady", "max_new_tokens": 40},
+                            f"{url}/generate", json={"prompt": f"Steady {number}", "max_new_tokens": 40},
                             headers={"X-Request-Timeout": "20", "X-Request-ID": request_id},
                         ).status_code
                     except httpx.TransportError:
