@@ -32,7 +32,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import free_port, machine  # noqa: E402
+from bench.common import free_port, machine, write_record  # noqa: E402
 from bench.throughput import WORDS  # noqa: E402
 
 
@@ -169,8 +169,7 @@ def main() -> None:
         f"x{clients}": round(medians[f"head_x{clients}"] / medians[f"base_x{clients}"], 3) for clients in args.clients
     }
     print(json.dumps({"median_tokens_per_s": medians, "head_over_base": record["head_over_base"]}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine  # noqa: E402
+from bench.common import machine, write_record  # noqa: E402
 from bench.gpu_throughput import PROMPT, ours  # noqa: E402
 from deployments.config import ModelConfig  # noqa: E402
 from deployments.model_source import embedded_model_folder  # noqa: E402
@@ -99,8 +98,7 @@ def measure(args: argparse.Namespace, adapters: dict[str, str]) -> None:
     record["median_round_ratio"] = round(statistics.median(per_round), 3)
     print(f"medians {medians}, adapters/base {record['adapters_over_base']}, "
           f"median of the rounds' ratios {record['median_round_ratio']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     base.close()
     served.close()
 

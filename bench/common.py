@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import socket
@@ -25,6 +26,12 @@ def interleaved_rounds(
             print(f"round {round_number} {name:>24}: {metric} {result[metric]:.1f}", flush=True)
     medians = {name: statistics.median(r[metric] for r in results if r["load"] == name) for name in loads}
     return results, medians
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Writes a benchmark's record as indented JSON, making its folder if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def percentile(values: list[float], fraction: float) -> float:

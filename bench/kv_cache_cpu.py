@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine  # noqa: E402
+from bench.common import machine, write_record  # noqa: E402
 from bench.gpu_throughput import ours  # noqa: E402
 from deployments.config import ModelConfig  # noqa: E402
 from deployments.transformers_engine import TransformersEngine  # noqa: E402
@@ -60,8 +59,7 @@ def main() -> None:
         print(f"clients {clients}: median dynamic {summary[clients]['dynamic']:.1f}, slots "
               f"{summary[clients]['slots']:.1f} tok/s, slots/dynamic {summary[clients]['slots_over_dynamic']}")
     record["median_tokens_per_s"] = summary
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     for engine in engines.values():
         engine.close()
 

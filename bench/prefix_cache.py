@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, percentile  # noqa: E402
+from bench.common import machine, percentile, write_record  # noqa: E402
 from deployments.config import ModelConfig  # noqa: E402
 from deployments.protocol import ChatMessage, GenerationParams, TokenizeParams, ToolCall, ToolSpec, ToolUse  # noqa: E402
 from deployments.transformers_engine import TransformersEngine  # noqa: E402
@@ -51,6 +51,20 @@ def prose(seed: int, words: int) -> str:
         length = chooser.randint(8, 16)
         sentences.append(" ".join(chooser.choice(WORDS) for _ in range(length)).capitalize() + ".")
     return " ".join(sentences)
+
+
+def question(conversation: int, turn: int) -> str:
+    """A chat turn's new question (workload A)."""
+    return f"Customer {conversation}, question {turn}: {prose(conversation * 100 + turn, 12)}"
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load's shape, shared with bench/prefix_routing.py."""
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--conversations", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--system-tokens", type=int, default=1000)
 
 
 def token_count(engine: TransformersEngine, text: str) -> int:
@@ -113,7 +127,7 @@ async def chat(run: Run, conversations: int, turns: int, system: str) -> None:
     async def conversation(number: int) -> None:
         messages = [ChatMessage("system", system)]
         for turn in range(turns):
-            messages.append(ChatMessage("user", f"Customer {number}, question {turn}: {prose(number * 100 + turn, 12)}"))
+            messages.append(ChatMessage("user", question(number, turn)))
             answer = await run.ask(run.params(messages=tuple(messages)))
             messages.append(ChatMessage("assistant", answer))
 
@@ -165,11 +179,7 @@ def measure(engine: TransformersEngine, load: str, args, system: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--conversations", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--system-tokens", type=int, default=1000)
+    add_workload_arguments(parser)
     parser.add_argument("--loads", default="chat,agent,unique")
     parser.add_argument("--out", type=Path, default=Path("bench/results/prefix_cache.json"))
     args = parser.parse_args()
@@ -211,8 +221,7 @@ def main() -> None:
         }
     record["summary"] = summary
     print(json.dumps(summary, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     for engine in engines.values():
         engine.close()
 

@@ -32,8 +32,8 @@ import httpx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import free_port, machine, percentile  # noqa: E402
-from bench.prefix_cache import prose, system_prompt  # noqa: E402
+from bench.common import free_port, machine, percentile, write_record  # noqa: E402
+from bench.prefix_cache import add_workload_arguments, question, system_prompt  # noqa: E402
 
 ROUTERS = ("power_of_two", "prefix_affinity", "ray_prefix_cache_affinity")
 MODEL = "smollm2-135m-instruct"
@@ -75,7 +75,7 @@ async def conversation(http: httpx.AsyncClient, url: str, number: int, turns: in
                        new_tokens: int, results: list[dict]) -> None:
     messages = [{"role": "system", "content": system}]
     for turn in range(turns):
-        messages.append({"role": "user", "content": f"Customer {number}, question {turn}: {prose(number * 100 + turn, 12)}"})
+        messages.append({"role": "user", "content": question(number, turn)})
         body = {"model": MODEL, "messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
         submitted, first, answer, usage = time.perf_counter(), None, "", None
@@ -120,11 +120,7 @@ def measure(url: str, args, system: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--conversations", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--system-tokens", type=int, default=1000)
+    add_workload_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("bench/results/prefix_routing.json"))
     args = parser.parse_args()
     import ray
@@ -167,8 +163,7 @@ def main() -> None:
         for router in ROUTERS
     }
     print(json.dumps(record["summary"], indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

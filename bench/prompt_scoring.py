@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleaved_rounds, machine  # noqa: E402
+from bench.common import interleaved_rounds, machine, write_record  # noqa: E402
 from deployments.config import ModelConfig  # noqa: E402
 from deployments.protocol import GenerationParams, TokenizeParams  # noqa: E402
 from deployments.transformers_engine import TransformersEngine  # noqa: E402
@@ -80,8 +80,7 @@ def main() -> None:
     record["median_prompt_tokens_per_s"] = medians
     record["scored_over_prefill"] = round(medians["scored"] / medians["prefill_one_token"], 3)
     print(json.dumps({"median_prompt_tokens_per_s": medians, "scored_over_prefill": record["scored_over_prefill"]}))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     engine.close()
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleaved_rounds, machine  # noqa: E402
+from bench.common import interleaved_rounds, machine, write_record  # noqa: E402
 from bench.gpu_throughput import ours  # noqa: E402
 from deployments.config import ModelConfig  # noqa: E402
 from deployments.protocol import ChatMessage, GenerationParams, OutputConstraint  # noqa: E402
@@ -97,8 +97,7 @@ def main() -> None:
     record["constrained_over_free"] = round(medians["json_schema"] / medians["free"], 3)
     print(f"median free {medians['free']:.1f}, json_schema {medians['json_schema']:.1f} tok/s, "
           f"ratio {record['constrained_over_free']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     engine.close()
 
 

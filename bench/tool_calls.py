@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleaved_rounds, machine  # noqa: E402
+from bench.common import interleaved_rounds, machine, write_record  # noqa: E402
 from bench.gpu_throughput import ours  # noqa: E402
 from deployments.config import ModelConfig  # noqa: E402
 from deployments.protocol import ChatMessage, GenerationParams, ToolSpec, ToolUse  # noqa: E402
@@ -85,8 +85,7 @@ def main() -> None:
     print(json.dumps({k: record[k] for k in ("prompt_tokens", "median_tokens_per_s", "required_over_no_tools",
                                              "auto_over_no_tools", "required_over_same_prompt_no_grammar",
                                              "tokens_per_request")}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     engine.close()
 
 

@@ -80,7 +80,7 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
     """A Serve request router (`request_router_config`) sending requests that share a
     prefix to one replica; see the module's docstring."""
 
-    def initialize_state(self, imbalance_requests: int = DEFAULT_IMBALANCE_REQUESTS, **kwargs) -> None:
+    def initialize_state(self, imbalance_requests: int = DEFAULT_IMBALANCE_REQUESTS) -> None:
         self._imbalance_requests = imbalance_requests
 
     async def choose_replicas(

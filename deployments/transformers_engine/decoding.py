@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from deployments.transformers_engine.lora import Adapters
-from deployments.transformers_engine.prefix_cache import BLOCK_TOKENS, PrefixCache
+from deployments.transformers_engine.prefix_cache import PrefixCache
 from deployments.transformers_engine.rows import Delivery, Row
 
 
@@ -33,11 +33,12 @@ class LoadedModel:
         if self.adapters is not None:
             self.adapters.rows.use(torch.tensor(slots, device=self.device) if any(slots) else None)
 
-    def forward(self, cache, **inputs):
-        """The model's output for ``inputs`` with ``cache`` (None: a new one)."""
+    def forward(self, cache, backbone: bool = False, **inputs):
+        """The model's output for ``inputs`` with ``cache`` (None: a new one);
+        ``backbone``: the decoder's hidden states, without the output layer."""
         if cache is not None:
             inputs[self.cache_argument] = cache
-        return self.model(use_cache=True, **inputs)
+        return (self.model.get_decoder() if backbone else self.model)(use_cache=True, **inputs)
 
     def cache_of(self, output):
         """The cache a forward pass returned (the output field has the argument's name)."""
@@ -69,20 +70,14 @@ class Decoding(abc.ABC):
     def __init__(self, model: LoadedModel, delivery: Delivery, prefix_cache: PrefixCache | None = None) -> None:
         self.model, self.delivery, self.prefix_cache = model, delivery, prefix_cache
 
-    def _keep_answer(self, row: Row, history_of) -> None:
+    def _keep_answer(self, row: Row, history_of: Callable[[int, int], torch.Tensor]) -> None:
         """Stores a leaving row's prompt and answer (all but its last token, whose KV
         was never computed) in the prefix cache; ``history_of(start, end)`` gives the
-        row's KV of tokens start..end in the cache's layout. The prompt's blocks are
-        there since its prefill: only the answer's are copied."""
+        row's KV of tokens start..end in the cache's layout (see PrefixCache.store)."""
         # Not the cancelled event: a caller that got its last token sets it too, at once.
-        if self.prefix_cache is None or row.dropped:
-            return
-        request = row.admission.request
-        tokens = [*request.prompt_token_ids, *row.token_ids[:-1]]
-        start = len(request.prompt_token_ids) // BLOCK_TOKENS * BLOCK_TOKENS
-        end = len(tokens) // BLOCK_TOKENS * BLOCK_TOKENS
-        if end > start:
-            self.prefix_cache.store(tokens, request.adapter, history_of(start, end), start=start)
+        if self.prefix_cache is not None and not row.dropped:
+            request = row.admission.request
+            self.prefix_cache.store([*request.prompt_token_ids, *row.token_ids[:-1]], request.adapter, history_of)
 
     @property
     @abc.abstractmethod

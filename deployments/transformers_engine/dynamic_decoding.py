@@ -126,10 +126,9 @@ class DynamicDecoding(Decoding):
         staying = set(still_running)
         for position, row in enumerate(batch.rows):
             if position not in staying:
-                columns = batch.attention_mask[position].nonzero().flatten()  # the row's tokens, in order
                 self._keep_answer(
-                    row, lambda start, end, row_at=position, columns=columns: kv_cache.row_history(
-                        batch.cache, row_at, columns[start:end]
+                    row, lambda start, end, row_at=position: kv_cache.row_history(
+                        batch.cache, batch.attention_mask, row_at, start, end
                     )
                 )
 

@@ -84,24 +84,29 @@ def drop_leading_columns(cache: DynamicCache, columns: int) -> None:
             layer.values = layer.values[:, :, columns:, :]
 
 
-def of_prefixes(prefixes: Sequence[torch.Tensor | None], width: int) -> DynamicCache:
-    """A cache of a row per prefix, ``width`` columns: each prefix (``[layers, 2,
-    kv_heads, tokens, head_dim]``, the prefix cache's layout) ends at the last column,
-    the columns before it zeros (masked); a row without one is all zeros."""
-    given = next(prefix for prefix in prefixes if prefix is not None)
+def of_prefixes(prefixes: Sequence[Sequence[torch.Tensor]], width: int) -> DynamicCache:
+    """A cache of a row per prefix, ``width`` columns: each prefix, blocks in the prefix
+    cache's layout (``[layers, 2, kv_heads, tokens, head_dim]``) copied in order, ends at
+    the last column, the columns before it zeros (masked); a row without blocks is all
+    zeros."""
+    given = next(blocks[0] for blocks in prefixes if blocks)
     layers, _, kv_heads, _, head_dim = given.shape
     history = given.new_zeros(layers, 2, len(prefixes), kv_heads, width, head_dim)
-    for row, prefix in enumerate(prefixes):
-        if prefix is not None:
-            history[:, :, row, :, width - prefix.shape[3] :] = prefix
+    for row, blocks in enumerate(prefixes):
+        at = width - sum(block.shape[3] for block in blocks)
+        for block in blocks:
+            history[:, :, row, :, at : at + block.shape[3]] = block
+            at += block.shape[3]
     cache = DynamicCache()
     cache.layers = [GrowingLayer(history[layer, 0], history[layer, 1]) for layer in range(layers)]
     return cache
 
 
-def row_history(cache: DynamicCache, row: int, columns: torch.Tensor) -> torch.Tensor:
-    """Row ``row``'s keys and values at ``columns``, in the prefix cache's layout
-    ``[layers, 2, kv_heads, len(columns), head_dim]`` (a copy)."""
+def row_history(cache: DynamicCache, attention_mask: torch.Tensor, row: int, start: int, end: int) -> torch.Tensor:
+    """Row ``row``'s keys and values of its tokens start..end (its unmasked columns, in
+    order), in the prefix cache's layout ``[layers, 2, kv_heads, end - start, head_dim]``
+    (a copy)."""
+    columns = attention_mask[row].nonzero().flatten()[start:end]
     return torch.stack(
         [torch.stack([layer.keys[row][:, columns], layer.values[row][:, columns]]) for layer in cache.layers]
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -44,10 +44,6 @@ class CachedPrefix:
     tokens: int
     blocks: tuple[torch.Tensor, ...]
     next_block: int | None = None
-
-    def layers(self) -> torch.Tensor:
-        """The whole prefix as one tensor ``[layers, 2, kv_heads, tokens, head_dim]``."""
-        return torch.cat(self.blocks, dim=3)
 
 
 NO_PREFIX = CachedPrefix(0, ())  # also what a prompt that skips the cache gets
@@ -83,27 +79,29 @@ class PrefixCache:
             next_block=hashes[found] if found < len(hashes) else None,
         )
 
-    def store(self, token_ids: Sequence[int], adapter: str | None, history: torch.Tensor, start: int = 0) -> None:
-        """Keeps the whole blocks of ``token_ids`` not kept yet. ``history`` holds the
-        keys and values of the tokens from ``start`` (a multiple of BLOCK_TOKENS: the
-        blocks before it are the prefix the row got from this cache), ``[layers, 2,
-        kv_heads, len(token_ids) - start or more, head_dim]``. Evicts the least
-        recently used blocks to make room."""
+    def store(
+        self, token_ids: Sequence[int], adapter: str | None, history_of: Callable[[int, int], torch.Tensor]
+    ) -> None:
+        """Keeps the whole blocks of ``token_ids`` not kept yet, evicting the least
+        recently used to make room. ``history_of(start, end)`` gives the keys and values
+        of tokens start..end, ``[layers, 2, kv_heads, end - start, head_dim]``; it is
+        asked once, for the blocks from the first missing one (often none: a prompt that
+        came from this cache), so nothing kept already is copied again."""
         hashes = block_hashes(token_ids, adapter)
-        if len(hashes) * BLOCK_TOKENS <= start:
-            return
-        block_bytes = history[:, :, :, :BLOCK_TOKENS].numel() * history.element_size()
-        hashes = hashes[: self.budget_bytes // block_bytes]  # a prefix longer than the budget keeps its start
-        self._touch([block_hash for block_hash in hashes if block_hash in self._blocks])  # spared: not evicted first
-        for position, block_hash in enumerate(hashes):
-            if block_hash in self._blocks:
-                continue
-            offset = position * BLOCK_TOKENS - start
-            if offset < 0:  # evicted since the lookup: the chain cannot be completed
-                break
-            self._evict_for(block_bytes, keep=hashes[:position])
-            self._blocks[block_hash] = history[:, :, :, offset : offset + BLOCK_TOKENS].clone()
-            self.bytes += block_bytes
+        first_missing = next((at for at, block_hash in enumerate(hashes) if block_hash not in self._blocks), None)
+        if first_missing is not None:
+            start = first_missing * BLOCK_TOKENS
+            history = history_of(start, len(hashes) * BLOCK_TOKENS)
+            block_bytes = history[:, :, :, :BLOCK_TOKENS].numel() * history.element_size()
+            hashes = hashes[: self.budget_bytes // block_bytes]  # a prefix longer than the budget keeps its start
+            self._touch(hashes[:first_missing])  # spared: not evicted first
+            for position in range(first_missing, len(hashes)):
+                if hashes[position] in self._blocks:
+                    continue
+                self._evict_for(block_bytes, keep=hashes[:position])
+                offset = position * BLOCK_TOKENS - start
+                self._blocks[hashes[position]] = history[:, :, :, offset : offset + BLOCK_TOKENS].clone()
+                self.bytes += block_bytes
         self._touch([block_hash for block_hash in hashes if block_hash in self._blocks])
 
     def _touch(self, chain: list[int]) -> None:

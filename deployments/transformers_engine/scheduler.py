@@ -25,7 +25,7 @@ from deployments.protocol import SequenceDelta
 from deployments import metrics
 from deployments.transformers_engine import kv_cache
 from deployments.transformers_engine.decoding import Decoding, LoadedModel, Prefilled
-from deployments.transformers_engine.prefix_cache import BLOCK_TOKENS, NO_PREFIX, CachedPrefix, PrefixCache
+from deployments.transformers_engine.prefix_cache import NO_PREFIX, CachedPrefix, PrefixCache
 from deployments.transformers_engine.prompt_scores import PromptScores
 from deployments.transformers_engine.rows import Admission, Delivery
 
@@ -363,8 +363,7 @@ class Scheduler:
         input_ids, attention_mask, position_ids = input_ids.to(device), attention_mask.to(device), position_ids.to(device)
         cache = None
         if past:
-            prefixes = [admission.prefix.layers() if admission.prefix.tokens else None for admission in admitted]
-            cache = kv_cache.of_prefixes(prefixes, past)
+            cache = kv_cache.of_prefixes([admission.prefix.blocks for admission in admitted], past)
             for admission in admitted:  # copied: the blocks may go when the cache evicts them
                 admission.prefix = dataclasses.replace(admission.prefix, blocks=())
         scores = None
@@ -395,9 +394,7 @@ class Scheduler:
             position_ids=prefill.position_ids[:, prefill.done : end],
         )
         if scored_by_head:  # the backbone's states, the head applied by the scorer in chunks
-            if prefill.cache is not None:
-                inputs[self._model.cache_argument] = prefill.cache
-            output = self._model.model.get_decoder()(use_cache=True, **inputs)
+            output = self._model.forward(prefill.cache, backbone=True, **inputs)
             states = output.last_hidden_state
             prefill.scores.add_chunk(states, prefill.input_ids, prefill.done, output_layer)
             last_logits = output_layer(states[:, -1, :])
@@ -454,9 +451,9 @@ class Scheduler:
     def _keep_prompts(self, prefill: _Prefill) -> None:
         """Puts the blocks of the group's prompts that the prefix cache lacks into it."""
         for position, admission in enumerate(prefill.admitted):
-            request, start = admission.request, admission.prefix.tokens
-            whole_blocks = len(request.prompt_token_ids) // BLOCK_TOKENS * BLOCK_TOKENS
-            if whole_blocks > start:
-                columns = prefill.attention_mask[position].nonzero().flatten()[start:whole_blocks]
-                history = kv_cache.row_history(prefill.cache, position, columns)
-                self._prefix_cache.store(request.prompt_token_ids, request.adapter, history, start=start)
+            self._prefix_cache.store(
+                admission.request.prompt_token_ids, admission.request.adapter,
+                lambda start, end, row=position: kv_cache.row_history(
+                    prefill.cache, prefill.attention_mask, row, start, end
+                ),
+            )

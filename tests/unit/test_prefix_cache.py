@@ -23,10 +23,22 @@ SYSTEM = list(range(1000, 1090))  # 90 tokens: 5 whole blocks and 10 tokens
 ASKS = [list(range(2000 + 7 * i, 2000 + 7 * i + 5 + i)) for i in range(6)]
 
 
-def history(blocks: int = 1, layers: int = 2, tokens: int | None = None) -> torch.Tensor:
+def history(blocks: int = 1, layers: int = 2) -> torch.Tensor:
     """A made-up KV history in the cache's layout, each position's values its position."""
-    tokens = tokens if tokens is not None else blocks * BLOCK_TOKENS
+    tokens = blocks * BLOCK_TOKENS
     return torch.arange(tokens, dtype=torch.float32).expand(layers, 2, 2, 4, tokens).permute(0, 1, 2, 4, 3).clone()
+
+
+def row(blocks: int, asked: list | None = None):
+    """A row's `history_of` over ``history(blocks)``, noting each range asked for."""
+    whole = history(blocks)
+
+    def history_of(start: int, end: int) -> torch.Tensor:
+        if asked is not None:
+            asked.append((start, end))
+        return whole[:, :, :, start:end]
+
+    return history_of
 
 
 def test_a_block_is_known_by_its_tokens_and_everything_before_them():
@@ -40,40 +52,43 @@ def test_a_block_is_known_by_its_tokens_and_everything_before_them():
 def test_a_lookup_finds_the_longest_prefix_short_of_the_last_token():
     cache = PrefixCache(1 << 20)
     tokens = list(range(3 * BLOCK_TOKENS))
-    cache.store(tokens, None, history(3))
+    cache.store(tokens, None, row(3))
     assert cache.lookup(tokens, None).tokens == 2 * BLOCK_TOKENS, "the last token's logits are always computed"
     assert cache.lookup([*tokens, 7], None).tokens == 3 * BLOCK_TOKENS
     assert cache.lookup([*tokens[:20], 99, *tokens[21:]], None).tokens == BLOCK_TOKENS, "diverges in block 2"
     assert cache.lookup(tokens, "terse").tokens == 0
     found = cache.lookup([*tokens, 7], None)
-    assert torch.equal(found.layers(), history(3)), "the blocks come back in order"
+    assert torch.equal(torch.cat(found.blocks, dim=3), history(3)), "the blocks come back in order"
 
 
 def test_storing_from_a_cached_prefix_copies_only_the_new_blocks():
     cache = PrefixCache(1 << 20)
     tokens = list(range(4 * BLOCK_TOKENS))
-    cache.store(tokens[: 2 * BLOCK_TOKENS], None, history(2))
-    rest = history(tokens=2 * BLOCK_TOKENS) + 2 * BLOCK_TOKENS  # positions 32.. of the row
-    cache.store(tokens, None, rest, start=2 * BLOCK_TOKENS)
+    cache.store(tokens[: 2 * BLOCK_TOKENS], None, row(2))
+    asked = []
+    cache.store(tokens, None, row(4, asked))
+    assert asked == [(2 * BLOCK_TOKENS, 4 * BLOCK_TOKENS)], "only the blocks it lacks"
     assert len(cache) == 4
-    assert torch.equal(cache.lookup([*tokens, 1], None).layers(), history(4))
+    assert torch.equal(torch.cat(cache.lookup([*tokens, 1], None).blocks, dim=3), history(4))
+    cache.store(tokens, None, row(4, asked))
+    assert len(asked) == 1, "nothing asked for when every block is kept"
 
 
 def test_the_least_recently_used_chain_goes_first_and_its_end_before_its_start():
     block_bytes = history(1).numel() * 4
     cache = PrefixCache(4 * block_bytes)
     old, new = list(range(3 * BLOCK_TOKENS)), list(range(500, 500 + 2 * BLOCK_TOKENS))
-    cache.store(old, None, history(3))
-    cache.store(new, None, history(2))  # 5 blocks > 4: old's last block goes
+    cache.store(old, None, row(3))
+    cache.store(new, None, row(2))  # 5 blocks > 4: old's last block goes
     assert cache.bytes <= cache.budget_bytes and len(cache) == 4
     assert cache.lookup([*old, 1], None).tokens == 2 * BLOCK_TOKENS
     assert cache.lookup([*new, 1], None).tokens == 2 * BLOCK_TOKENS
     cache.lookup([*old, 1], None)  # old used last: new's end goes next
-    cache.store(list(range(900, 900 + BLOCK_TOKENS)), None, history(1))
+    cache.store(list(range(900, 900 + BLOCK_TOKENS)), None, row(1))
     assert cache.lookup([*new, 1], None).tokens == BLOCK_TOKENS
     assert cache.lookup([*old, 1], None).tokens == 2 * BLOCK_TOKENS
     too_long = list(range(3000, 3000 + 6 * BLOCK_TOKENS))
-    cache.store(too_long, None, history(6))
+    cache.store(too_long, None, row(6))
     assert cache.bytes <= cache.budget_bytes, "a prefix longer than the budget keeps its start"
     assert cache.lookup([*too_long, 1], None).tokens == 4 * BLOCK_TOKENS
 
