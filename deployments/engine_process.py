@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection
 from deployments import metrics
 from deployments.config import ModelConfig
 from deployments.engine import END_OF_STEPS, Engine, PreparedRequest, import_engine_class, relay_steps
-from deployments.protocol import GenerationParams, ModelStatus, SequenceDelta, TokenizeParams
+from deployments.protocol import EngineExitedError, GenerationParams, ModelStatus, SequenceDelta, TokenizeParams
 
 logger = logging.getLogger("ray.serve")
 
@@ -238,7 +238,7 @@ class EngineProcess(Engine):
     def _raise_if_exited(self) -> None:
         code = self._process.poll()
         if code is not None:
-            raise RuntimeError(f"the engine process exited with code {code}")
+            raise EngineExitedError(code)
 
     def close(self) -> None:
         if self._process is None or self._process.poll() is not None:
@@ -292,13 +292,16 @@ class EngineProcess(Engine):
             elif kind == "health":
                 self._problem = message[1]
         code = self._process.wait()
-        failure = RuntimeError(f"the engine process exited with code {code}")
-        for stream in list(self._streams.values()):
-            stream.put(failure)
         if not self._closing:
             logger.error("the engine process of %s exited with code %d", self.config.name, code)
             if self._on_exit is not None:
+                # Before failing the streams: the replica's death is what the ingress
+                # retries elsewhere, whereas an error that won the race to the caller
+                # would reach its client as a 500.
                 self._on_exit(code)
+        failure = EngineExitedError(code)
+        for stream in list(self._streams.values()):
+            stream.put(failure)
 
 
 # The engine process.

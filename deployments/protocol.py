@@ -310,3 +310,18 @@ class InvalidRequestError(ValueError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class EngineExitedError(RuntimeError):
+    """The replica's engine process is gone, so the request was never served there.
+
+    The replica exits right after (see `ModelServer`); the ingress treats this as a
+    failed replica and retries the request elsewhere, as for a replica that died.
+    """
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"the engine process exited with code {self.code}"

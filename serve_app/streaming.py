@@ -20,7 +20,9 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.protocol import GenerationParams, GenerationResult, InvalidRequestError, SequenceDelta, StreamStart
+from deployments.protocol import (
+    EngineExitedError, GenerationParams, GenerationResult, InvalidRequestError, SequenceDelta, StreamStart,
+)
 from serve_app.access import AccessControl, cancel_quietly
 from serve_app.errors import ServiceError, error_body
 from serve_app.schemas import Usage, usage_of
@@ -35,7 +37,8 @@ EndFormatter = Callable[[Usage], Iterable[dict]]
 
 
 # A model replica that died or cannot be reached: the request can be retried elsewhere.
-REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError)
+# EngineExitedError: the replica was still there, its engine process not (it exits next).
+REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, EngineExitedError)
 
 
 class _Calls(list):

@@ -15,7 +15,7 @@ from deployments import metrics
 from deployments.config import ModelConfig
 from deployments.engine_process import EngineProcess
 from deployments.model_source import ModelSourceError
-from deployments.protocol import GenerationParams, InvalidRequestError
+from deployments.protocol import EngineExitedError, GenerationParams, InvalidRequestError
 from deployments.transformers_engine import TransformersEngine
 from deployments.transformers_engine.loading import ModelLoadError
 from tests.fakes import FAKE_ENGINE, FakeDecodeError, fake_source
@@ -165,6 +165,37 @@ def test_the_death_of_the_engine_process_fails_health_and_its_requests():
         engine.check_health()
     with pytest.raises(RuntimeError, match="exited"):
         run(engine, GenerationParams(prompt="after", max_new_tokens=2))
+
+
+def test_the_replica_hears_of_the_engine_process_death_before_its_requests_do():
+    # The replica exits in `on_exit`, so that the ingress retries what it held; a stream
+    # failed first could hand its error to the caller (a 500) before the replica is gone.
+    events = []
+    engine = EngineProcess(
+        ModelConfig(name="fake", source=fake_source(step_s=0.05), engine=FAKE_ENGINE), "cpu",
+        on_exit=lambda code: events.append(("exit", code)),
+    )
+    engine.load()
+    try:
+        prepared = engine.prepare(GenerationParams(prompt="long", max_new_tokens=400))
+
+        async def kill_midway():
+            generation = engine.generate(prepared)
+            await generation.__anext__()
+            (stream,) = engine._streams.values()
+            put = stream.put
+            stream.put = lambda item: (isinstance(item, Exception) and events.append(("failure", str(item))), put(item))
+            os.kill(engine._process.pid, signal.SIGKILL)
+            async for _ in generation:
+                pass
+
+        with pytest.raises(EngineExitedError, match="exited with code -9"):
+            asyncio.run(asyncio.wait_for(kill_midway(), timeout=10))
+        assert events == [("exit", -9), ("failure", "the engine process exited with code -9")]
+        with pytest.raises(EngineExitedError):  # a request arriving meanwhile: a replica failure
+            run(engine, GenerationParams(prompt="after", max_new_tokens=2))
+    finally:
+        engine.close()
 
 
 def test_close_stops_the_engine_process():
