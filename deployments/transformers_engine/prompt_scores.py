@@ -6,8 +6,8 @@ Only prefill groups that hold a request asking for them score positions (the oth
 keep the last position's logits alone). Such a group runs the model's backbone as any
 prefill does and keeps its last hidden states (576 floats a position for SmolLM2, not
 49152 logits); the output layer then turns them into logits SCORING_CHUNK_TOKENS
-positions at a time, each scored and dropped, so no [prompt length, vocab] tensor is
-ever held for a long prompt. (A model whose head does more than its output layer,
+positions at a time, into one buffer each chunk reuses once scored, so no [prompt
+length, vocab] tensor is ever held for a long prompt. (A model whose head does more than its output layer,
 such as Gemma's logit soft-capping, keeps whole logits instead, and its prefill runs
 in chunks of SCORING_CHUNK_TOKENS positions.) Positions of the left padding and rows
 that did not ask are skipped. On 2 EPYC cores, 16 prompts of 512 tokens: whole logits
@@ -48,15 +48,25 @@ def output_layer(model) -> torch.nn.Module | None:
 
 def _scores(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
     """Log probabilities of the ``chosen`` tokens and of the ``top`` likeliest under
-    ``logits`` [positions, vocab]: a logsumexp each, not a whole log-softmax."""
-    logits = logits.float()
-    total = logits.logsumexp(dim=-1)
-    picked = logits.gather(1, chosen[:, None])[:, 0] - total
+    ``logits`` [positions, vocab], which it overwrites: a logsumexp each, not a whole
+    log-softmax, whose maximum is the likeliest token's score (one pass fewer), with
+    the exponentials taken in place (a second [positions, vocab] tensor would be
+    allocated, and its pages faulted in, for each chunk)."""
+    picked = logits.gather(1, chosen[:, None])[:, 0]
+    best = logits.max(dim=-1, keepdim=True) if top <= 1 else logits.topk(min(top, logits.shape[-1]), dim=-1)
+    peak = best.values[:, :1]
+    total = peak[:, 0] + logits.sub_(peak).exp_().sum(dim=-1).log_()
     if top == 0:
         empty = logits.new_zeros(len(logits), 0)
-        return picked, empty, empty.long()
-    best = logits.topk(min(top, logits.shape[-1]), dim=-1)
-    return picked, best.values - total[:, None], best.indices
+        return picked - total, empty, empty.long()
+    return picked - total, best.values - total[:, None], best.indices
+
+
+def _apply(head: torch.nn.Linear, states: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``head(states)``, written into ``out``."""
+    if head.bias is None:
+        return torch.mm(states, head.weight.t(), out=out)
+    return torch.addmm(head.bias, states, head.weight.t(), out=out)
 
 
 class PromptScores:
@@ -100,11 +110,16 @@ class PromptScores:
         top = max(self._wanted[row] for row in asking)
         index = torch.tensor(asking, device=states.device)
         targets = input_ids[index, done + 1: done + 1 + columns].reshape(-1)
-        flat = states[index, :columns].reshape(len(targets), -1)
+        flat = states[index, :columns].reshape(len(targets), -1)  # a copy (indexed): _scores may overwrite it
+        logits = None
+        if head is not None:  # one buffer for every chunk's logits, not 100 MB allocated per chunk
+            logits = flat.new_empty(min(len(targets), SCORING_CHUNK_TOKENS), head.out_features, dtype=head.weight.dtype)
         parts = []
         for start in range(0, len(targets), SCORING_CHUNK_TOKENS):
             chunk = flat[start: start + SCORING_CHUNK_TOKENS]
-            parts.append(_scores(head(chunk) if head is not None else chunk, targets[start: start + SCORING_CHUNK_TOKENS], top))
+            if head is not None:
+                chunk = _apply(head, chunk, logits[: len(chunk)])
+            parts.append(_scores(chunk.float(), targets[start: start + SCORING_CHUNK_TOKENS], top))
         chosen, best, best_ids = (torch.cat([part[i] for part in parts]) for i in range(3))
         chosen = chosen.view(len(asking), columns).tolist()
         best, best_ids = best.view(len(asking), columns, -1).tolist(), best_ids.view(len(asking), columns, -1).tolist()

@@ -48,15 +48,16 @@ def assert_scores_match(tiny_engine, ids, prompt_logprobs, top):
         assert [choice.logprob for choice in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
 
 
+@pytest.mark.parametrize("shown", [0, 1, 2])  # the group's most: none, the maximum alone, a top-k
 @pytest.mark.parametrize("whole_logits", [False, True])
 @pytest.mark.parametrize("chunk", [prompt_scores.SCORING_CHUNK_TOKENS, 7])
-def test_prompt_logprobs_equal_a_forward_pass_beside_other_rows(tiny_engine, chunk, whole_logits, monkeypatch):
+def test_prompt_logprobs_equal_a_forward_pass_beside_other_rows(tiny_engine, chunk, whole_logits, shown, monkeypatch):
     monkeypatch.setattr(prompt_scores, "SCORING_CHUNK_TOKENS", chunk)  # 7: many chunks, odd edges
     if whole_logits:  # as for a model whose head soft-caps its logits
         monkeypatch.setattr(tiny_engine._scheduler._model, "output_layer", None)
     prompts = [tiny_engine._tokenizer(text)["input_ids"] for text in TEXTS]
     scored = [
-        GenerationParams(prompt_token_ids=tuple(ids), echo=True, prompt_logprobs=2, max_new_tokens=0)
+        GenerationParams(prompt_token_ids=tuple(ids), echo=True, prompt_logprobs=shown, max_new_tokens=0)
         for ids in prompts
     ]
     generating = GenerationParams(prompt_token_ids=tuple(prompts[1]), echo=True, prompt_logprobs=0,
@@ -65,7 +66,7 @@ def test_prompt_logprobs_equal_a_forward_pass_beside_other_rows(tiny_engine, chu
     *only_scored, generated, plain = results(tiny_engine, *scored, generating, free)
     for ids, result in zip(prompts, only_scored, strict=True):
         assert [s.completion_tokens for s in result.sequences] == [0] and result.sequences[0].finish_reason == "length"
-        assert_scores_match(tiny_engine, ids, result.prompt_logprobs, top=2)
+        assert_scores_match(tiny_engine, ids, result.prompt_logprobs, top=shown)
     assert_scores_match(tiny_engine, prompts[1], generated.prompt_logprobs, top=0)
     assert [s.completion_tokens for s in generated.sequences] == [3, 3]
     assert plain.prompt_logprobs == () and plain.sequences[0].completion_tokens == 4
