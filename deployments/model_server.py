@@ -178,12 +178,16 @@ class ModelServer:
             return prepared
         async with contextlib.aclosing(self._serve(prepared)) as steps:
             result = await collect_result(self._served_name(prepared), prepared, steps)
-        if params.echo and params.prompt_token_ids is not None:
-            # The text an echo returns for token ids (a text prompt is echoed as sent),
-            # decoded here, off the loop, rather than on the engine's scheduler thread.
-            text = await asyncio.to_thread(self._engine.detokenize, params.prompt_token_ids)
-            result = dataclasses.replace(result, prompt_text=text)
-        return result
+        text = await self._echoed_ids(params)
+        return result if text is None else dataclasses.replace(result, prompt_text=text)
+
+    async def _echoed_ids(self, params: GenerationParams) -> str | None:
+        """The text an echo returns for a prompt of token ids (a text prompt is echoed
+        as sent), decoded here, off the loop, rather than on the engine's scheduler
+        thread; None when there is none to return."""
+        if not params.echo or params.prompt_token_ids is None:
+            return None
+        return await asyncio.to_thread(self._engine.detokenize, params.prompt_token_ids)
 
     async def generate_stream(
         self, params: GenerationParams
@@ -198,7 +202,7 @@ class ModelServer:
         if isinstance(prepared, InvalidRequestError):
             yield prepared
             return
-        yield StreamStart(model=self._served_name(prepared), prompt_tokens=len(prepared.prompt_token_ids))
+        yield StreamStart(self._served_name(prepared), len(prepared.prompt_token_ids), await self._echoed_ids(params))
         async with contextlib.aclosing(self._serve(prepared)) as steps:
             async for deltas in steps:
                 yield deltas

@@ -284,6 +284,7 @@ class StreamStart:
 
     model: str
     prompt_tokens: int
+    prompt_text: str | None = None  # with echo, the text of a prompt given as token ids
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,6 +97,10 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
             params = body.to_generation_params(request_id, prompt)
             stream, start = await streaming.open_stream(request, access, handle, params)
             token_offsets = [0] * body.n  # where each choice's next token starts
+            # Echo: each choice's first chunk starts with the prompt (and its scores), as
+            # vLLM streams it; a prompt of token ids is echoed as the model's text of them.
+            echoed = (prompt if isinstance(prompt, str) else start.prompt_text) if body.echo else ""
+            unechoed = set(range(body.n)) if body.echo else set()
 
             usage_so_far = _UsageSoFar(start.prompt_tokens, body.n) if body.continuous_usage else None
 
@@ -108,18 +112,21 @@ def add_openai_routes(app: FastAPI, ingress: Ingress, access: AccessControl) -> 
                 if usage_so_far is not None:
                     usage_so_far.observe(delta)
                 reason = openai_finish_reason(delta.finish_reason) if delta.finish_reason else None
+                text, scored = delta.text, delta.logprobs
+                if delta.index in unechoed:
+                    unechoed.discard(delta.index)
+                    text, scored = echoed + text, delta.prompt_logprobs + scored
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs = CompletionLogprobs.of(delta.logprobs, token_offsets[delta.index]).model_dump()
-                    token_offsets[delta.index] += sum(len(entry.chosen.token) for entry in delta.logprobs)
-                return [chunk(delta.index, delta.text, reason, logprobs)]
+                    logprobs = CompletionLogprobs.of(scored, token_offsets[delta.index]).model_dump()
+                    token_offsets[delta.index] += sum(len(entry.chosen.token) for entry in scored)
+                return [chunk(delta.index, text, reason, logprobs)]
 
             return streaming.event_stream_response(
                 streaming.relay(
                     request, access, stream, start, body.n, on_delta,
                     on_end=lambda usage: _usage_chunks(body.include_usage, response_id, "text_completion", start.model, usage),
                     openai=True,
-                    first_events=[chunk(i, prompt, None) for i in range(body.n)] if body.echo else (),
                 )
             )
         results = await streaming.generate(

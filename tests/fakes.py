@@ -148,7 +148,7 @@ class FakeEngine(Engine):
                 for at, token in enumerate(request.prompt_token_ids)
             )
         if request.max_new_tokens == 0:
-            yield [SequenceDelta(index, "", 0, "length", prompt_logprobs=scored if index == 0 else ())
+            yield [SequenceDelta(index, "", 0, "length", prompt_logprobs=scored)  # each sequence's, as the engine's
                    for index in range(request.num_return_sequences)]
             return
         for step in range(request.max_new_tokens):
@@ -169,8 +169,7 @@ class FakeEngine(Engine):
                     emitted, reason = emitted + text.finish(), "length"
                 if reason:
                     finished.add(index)
-                out.append(SequenceDelta(index, emitted, step + 1, reason,
-                                         prompt_logprobs=scored if index == 0 else (),
+                out.append(SequenceDelta(index, emitted, step + 1, reason, prompt_logprobs=scored,
                                          cached_tokens=cached if index == 0 else 0))
             scored, cached = (), 0
             yield out
@@ -243,9 +242,13 @@ class FakeModelHandle:
         except InvalidRequestError as exc:
             return exc
         result = await collect_result(self._engine.config.name, prepared, self._deltas(prepared))
-        if params.echo and params.prompt_token_ids is not None:  # as ModelServer.generate
-            result = dataclasses.replace(result, prompt_text=self._engine.detokenize(params.prompt_token_ids))
-        return result
+        text = self._echoed_ids(params)
+        return result if text is None else dataclasses.replace(result, prompt_text=text)
+
+    def _echoed_ids(self, params: GenerationParams) -> str | None:  # as ModelServer's
+        if not params.echo or params.prompt_token_ids is None:
+            return None
+        return self._engine.detokenize(params.prompt_token_ids)
 
     async def _generate_stream(self, params: GenerationParams):
         try:
@@ -253,7 +256,7 @@ class FakeModelHandle:
         except InvalidRequestError as exc:
             yield exc
             return
-        yield StreamStart(self._engine.config.name, len(prepared.prompt_token_ids))
+        yield StreamStart(self._engine.config.name, len(prepared.prompt_token_ids), self._echoed_ids(params))
         async for deltas in self._deltas(prepared):
             yield deltas
 

@@ -421,16 +421,20 @@ class Scheduler:
         for position, admission in enumerate(admitted):
             request = admission.request
             scored = (prefill.scores.of_row(position) if prefill.scores is not None else None) or ()
+            # Every sequence echoes the prompt with its scores, so each first delta
+            # carries them (one tuple: a step's message pickles it once); the cached
+            # tokens are the request's, counted on its first sequence alone.
             if request.max_new_tokens == 0:
                 admission.deliver([
-                    SequenceDelta(index, "", 0, "length", prompt_logprobs=scored if index == 0 else ())
+                    SequenceDelta(index, "", 0, "length", prompt_logprobs=scored)
                     for index in range(request.num_return_sequences)
                 ])
                 continue
             for index in range(request.num_return_sequences):
                 row = self._delivery.row(admission, index)
+                row.prompt_logprobs = scored
                 if index == 0:
-                    row.prompt_logprobs, row.cached_tokens = scored, admission.prefix.tokens
+                    row.cached_tokens = admission.prefix.tokens
                 rows.append(row)
         if not rows:
             return None

@@ -109,7 +109,6 @@ def test_async_client_streams_too(http):
         ({"temperature": 3}, "temperature"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"logprobs": 21}, "logprobs"),
-        ({"logprobs": 2, "echo": True, "stream": True}, "echo"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": [[1, 2], []]}, "prompt"),
@@ -265,3 +264,26 @@ def test_echo_scores_come_back_in_openais_legacy_shape(client):
     assert scored.usage.prompt_tokens == 2 and scored.usage.completion_tokens == 0
     both = client.completions.create(model="fake", prompt=[[72], [105, 33]], echo=True, max_tokens=2)
     assert [c.text[: len(p)] for c, p in zip(both.choices, ["H", "i!"], strict=True)] == ["H", "i!"]
+
+
+@pytest.mark.parametrize("prompt", ["Hi", [72, 105]])
+def test_a_stream_echoes_the_prompt_and_its_scores_first_in_each_choice(client, prompt):
+    """vLLM's streamed echo: each choice's first chunk holds the prompt's text (the text
+    of token ids) and, with logprobs, the prompt's tokens; the stream joins to what the
+    same request answers whole."""
+    whole = client.completions.create(model="fake", prompt=prompt, echo=True, logprobs=0, max_tokens=3, n=2, seed=1)
+    chunks = [chunk.choices[0] for chunk in client.completions.create(
+        model="fake", prompt=prompt, echo=True, logprobs=0, max_tokens=3, n=2, seed=1, stream=True)]
+    for index in (0, 1):
+        mine = [c for c in chunks if c.index == index]
+        assert mine[0].text.startswith("Hi") and mine[0].logprobs.tokens[:2] == ["H", "i"]
+        assert mine[0].logprobs.token_logprobs[0] is None
+        joined = {"text": "".join(c.text for c in mine), "tokens": sum((c.logprobs.tokens for c in mine), []),
+                  "text_offset": sum((c.logprobs.text_offset for c in mine), [])}
+        expected = whole.choices[index]
+        assert joined == {"text": expected.text, "tokens": expected.logprobs.tokens,
+                          "text_offset": expected.logprobs.text_offset}
+    scored_only = [chunk.choices[0] for chunk in client.completions.create(
+        model="fake", prompt=prompt, echo=True, logprobs=0, max_tokens=0, stream=True)]
+    assert [(c.text, c.finish_reason) for c in scored_only] == [("Hi", "length")]
+    assert scored_only[0].logprobs.token_logprobs == [None, 0.0]
