@@ -239,10 +239,6 @@ class CompletionRequest(_SamplingRequest):
             )
         if self.stream and len(prompts) > 1:
             raise UnsupportedParameterError("prompt", "a stream takes one prompt")
-        if self.stream and self.echo and (self.logprobs is not None or not isinstance(prompts[0], str)):
-            raise UnsupportedParameterError(
-                "echo", "echo on a stream takes a text prompt and no logprobs; send stream: false to score a prompt"
-            )
         if self.max_tokens == 0 and not self.echo:
             raise UnsupportedParameterError("max_tokens", "max_tokens 0 needs echo: true (it scores the prompt only)")
         if self.best_of is not None and self.best_of != self.n:
@@ -423,56 +419,17 @@ class ChatCompletionRequest(_SamplingRequest):
         return self
 
     def _check_tools(self) -> None:
-        """Validates the tools and keeps them as the handle payload's ToolUse (each
-        schema turned into JSON text once)."""
-        names = [tool.function.name for tool in self.tools or ()]
-        specs = []
-        for position, tool in enumerate(self.tools or ()):
-            param = f"tools[{position}].function"
-            if names.index(tool.function.name) != position:
-                raise UnsupportedParameterError(f"{param}.name", f"two tools are named {tool.function.name!r}")
-            parameters = tool.function.parameters
-            if parameters is not None and parameters.get("type", "object") != "object":
-                raise UnsupportedParameterError(
-                    f"{param}.parameters", "parameters must be the JSON schema of an object (type: object)"
-                )
-            try:
-                schema = schema_constraint(self._parameters(tool), f"{param}.parameters").source
-            except ValueError as exc:
-                raise UnsupportedParameterError(f"{param}.parameters", str(exc)) from None
-            specs.append(ToolSpec(tool.function.name, tool.function.description or "", schema))
-        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-            raise UnsupportedParameterError(
-                "tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools"
-            )
-        if self.tool_choice not in (None, "none") and not self.tools:
-            raise UnsupportedParameterError("tool_choice", "tool_choice needs tools")
-        if specs:
-            choice, name = self.tool_choice or "auto", None
-            if isinstance(choice, NamedToolChoice):
-                choice, name = "function", choice.function.name
-            self._tool_use = ToolUse(tuple(specs), choice, name, self.parallel_tool_calls is not False)
+        self._tool_use = tool_use_of(self.tools, self.tool_choice, self.parallel_tool_calls)
         if self.tool_use is not None and self.tool_use.calls_possible and self.response_format \
                 and self.response_format.constraint():
             raise UnsupportedParameterError(
                 "response_format", "response_format with tools needs tool_choice: none (a call is JSON already)"
             )
 
-    @staticmethod
-    def _parameters(tool: ToolDefinition) -> dict[str, Any]:
-        """The arguments' schema: an object (of no properties when none are given)."""
-        parameters = tool.function.parameters
-        if parameters is None:
-            return {"type": "object", "properties": {}, "additionalProperties": False}
-        return parameters if "type" in parameters else {"type": "object", **parameters}
-
     @property
     def prompt_chars(self) -> int:
         """Characters of prompt text: the turns and the tools' definitions."""
-        tools = self.tool_use.tools if self.tool_use is not None else ()
-        return sum(message.length for message in self.messages) + sum(
-            len(tool.parameters) + len(tool.description) for tool in tools
-        )
+        return sum(message.length for message in self.messages) + tool_chars(self.tool_use)
 
     @property
     def tool_use(self) -> ToolUse | None:
@@ -487,6 +444,60 @@ class ChatCompletionRequest(_SamplingRequest):
             request_id, self.max_completion_tokens or self.max_tokens, messages=messages, logprobs=logprobs,
             tool_use=self.tool_use,
         )
+
+
+def tool_use_of(
+    tools: list[ToolDefinition] | None,
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None,
+    parallel_tool_calls: bool | None = None,
+) -> ToolUse | None:
+    """Validates a request's tools and returns them as the handle payload's ToolUse
+    (each schema turned into JSON text once), or None without tools.
+
+    Raises:
+        UnsupportedParameterError: naming the tool's field and why.
+    """
+    names = [tool.function.name for tool in tools or ()]
+    specs = []
+    for position, tool in enumerate(tools or ()):
+        param = f"tools[{position}].function"
+        if names.index(tool.function.name) != position:
+            raise UnsupportedParameterError(f"{param}.name", f"two tools are named {tool.function.name!r}")
+        parameters = tool.function.parameters
+        if parameters is not None and parameters.get("type", "object") != "object":
+            raise UnsupportedParameterError(
+                f"{param}.parameters", "parameters must be the JSON schema of an object (type: object)"
+            )
+        try:
+            schema = schema_constraint(_arguments_schema(tool), f"{param}.parameters").source
+        except ValueError as exc:
+            raise UnsupportedParameterError(f"{param}.parameters", str(exc)) from None
+        specs.append(ToolSpec(tool.function.name, tool.function.description or "", schema))
+    if isinstance(tool_choice, NamedToolChoice) and tool_choice.function.name not in names:
+        raise UnsupportedParameterError(
+            "tool_choice", f"tool_choice names {tool_choice.function.name!r}, which is not in tools"
+        )
+    if tool_choice not in (None, "none") and not tools:
+        raise UnsupportedParameterError("tool_choice", "tool_choice needs tools")
+    if not specs:
+        return None
+    choice, name = tool_choice or "auto", None
+    if isinstance(choice, NamedToolChoice):
+        choice, name = "function", choice.function.name
+    return ToolUse(tuple(specs), choice, name, parallel_tool_calls is not False)
+
+
+def _arguments_schema(tool: ToolDefinition) -> dict[str, Any]:
+    """A tool's arguments' schema: an object (of no properties when none are given)."""
+    parameters = tool.function.parameters
+    if parameters is None:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    return parameters if "type" in parameters else {"type": "object", **parameters}
+
+
+def tool_chars(tool_use: ToolUse | None) -> int:
+    """Characters of the tools' definitions (they are prompt text too)."""
+    return sum(len(tool.parameters) + len(tool.description) for tool in tool_use.tools) if tool_use else 0
 
 
 class PromptTokensDetails(BaseModel):

@@ -8,12 +8,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
-from deployments.protocol import TokenizeParams
+from deployments.protocol import TokenizeParams, ToolUse
 from serve_app import streaming
 from serve_app.access import AccessControl
-from serve_app.openai_schemas import MAX_CHAT_MESSAGES, REQUEST_CONFIG, ChatMessageIn, Text, UnsupportedParameterError
+from serve_app.openai_schemas import (
+    MAX_CHAT_MESSAGES, MAX_TOOLS, REQUEST_CONFIG, ChatMessageIn, Text, ToolDefinition, UnsupportedParameterError,
+    tool_chars, tool_use_of,
+)
 
 if TYPE_CHECKING:
     from serve_app.ingress import Ingress
@@ -39,11 +42,19 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = Field(
         default=True, description="With messages: end with the opening of the assistant's turn, as a chat request does."
     )
+    tools: list[ToolDefinition] | None = Field(
+        default=None, max_length=MAX_TOOLS,
+        description="With messages: tools rendered as a chat request with these tools renders them (tool_choice auto).",
+    )
+    _tool_use: ToolUse | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> "TokenizeRequest":
         if (self.prompt is None) == (self.messages is None):
             raise UnsupportedParameterError("prompt", "give prompt or messages (one of them)")
+        if self.tools and self.messages is None:
+            raise UnsupportedParameterError("tools", "tools are rendered with messages; a prompt takes none")
+        self._tool_use = tool_use_of(self.tools)
         return self
 
     @property
@@ -51,7 +62,7 @@ class TokenizeRequest(BaseModel):
         """The text's length and the field that holds it (for the prompt length limit)."""
         if self.prompt is not None:
             return len(self.prompt), "prompt"
-        return sum(len(message.text) for message in self.messages), "messages"
+        return sum(message.length for message in self.messages) + tool_chars(self._tool_use), "messages"
 
     def to_params(self) -> TokenizeParams:
         if self.prompt is not None:
@@ -60,6 +71,7 @@ class TokenizeRequest(BaseModel):
             messages=tuple(message.to_message() for message in self.messages),
             add_special_tokens=bool(self.add_special_tokens),
             add_generation_prompt=self.add_generation_prompt,
+            tool_use=self._tool_use,
         )
 
 

@@ -100,7 +100,7 @@ def test_auto_gives_text_or_valid_calls_and_none_gives_text(client):
     assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content
 
 
-def test_a_two_turn_loop_calls_then_answers_from_the_result(client):
+def test_a_two_turn_loop_calls_then_answers_from_the_result(client, served):  # noqa: F811
     """The agent loop: the call, the tool's result sent back (the assistant message as the
     client returned it), then the final answer."""
     messages = list(QUESTION)
@@ -114,6 +114,18 @@ def test_a_two_turn_loop_calls_then_answers_from_the_result(client):
     final = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, temperature=0, max_tokens=60)
     assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content
     assert final.usage.prompt_tokens > first.usage.prompt_tokens
+    # An RL or agent framework (verifiers' shape) tokenizes the same conversation and
+    # tools through vLLM's /tokenize, and must get exactly the ids the chat request ran.
+    as_json = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in messages]
+    tokenized = httpx.post(f"{served.url}/tokenize", json={"model": MODEL, "messages": as_json, "tools": TOOLS},
+                           timeout=30).json()
+    assert tokenized["count"] == final.usage.prompt_tokens == len(tokenized["tokens"])
+    without_tools = httpx.post(f"{served.url}/tokenize", json={"messages": as_json}, timeout=30).json()
+    assert without_tools["count"] < tokenized["count"], "the tools' definitions are part of the prompt"
+    unopened = httpx.post(f"{served.url}/tokenize", timeout=30, json={
+        "messages": as_json, "tools": TOOLS, "add_generation_prompt": False,
+    }).json()["tokens"]
+    assert tokenized["tokens"][: len(unopened)] == unopened and len(unopened) < tokenized["count"]
 
 
 def test_streamed_calls_arrive_as_openai_deltas(client):

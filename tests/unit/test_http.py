@@ -382,18 +382,29 @@ def test_a_client_error_is_one_info_line_with_its_id_and_reason(client, caplog):
     assert "error=" not in record.getMessage()
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+
 def test_tokenize_and_detokenize_in_vllms_shapes(client):
     prompt = client.post("/tokenize", json={"prompt": "abc"})
     assert prompt.status_code == 200
     assert prompt.json() == {"count": 3, "max_model_len": FAKE_CONTEXT_LENGTH, "tokens": [97, 98, 99]}
     chat = client.post("/tokenize", json={"messages": [{"role": "developer", "content": "hi"}], "model": "other"})
     assert chat.json()["tokens"] == [ord(c) for c in "system: hi\n"], "developer is the system role to a template"
+    unset = client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}], "tools": None})
+    assert unset.status_code == 200, "tools: null is no tools (clients send it)"
     back = client.post("/detokenize", json={"tokens": [104, 105]})
     assert back.status_code == 200 and back.json() == {"prompt": "hi"}
     for path, body, status, param in [
         ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 422, "prompt"),
         ("/tokenize", {}, 422, "prompt"),
         ("/tokenize", {"prompt": "a", "model": "nope"}, 404, "model"),
+        ("/tokenize", {"prompt": "a", "tools": [WEATHER_TOOL]}, 422, "tools"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "b"}], "tools": [WEATHER_TOOL, WEATHER_TOOL]},
+         422, "tools[1].function.name"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "b"}],
+                       "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+         422, "tools[0].function.parameters"),
         ("/detokenize", {"tokens": [-1]}, 422, "tokens"),
         ("/detokenize", {"tokens": ["a"]}, 422, "tokens.0"),
     ]:
