@@ -6,7 +6,9 @@ this module chooses where its state lives so that all replicas share it:
 - ``ray`` (default): a named, detached Ray actor per application holds a `limits`
   MemoryStorage; each request costs one actor call (about 1.6 ms idle on 2 cores).
   Ray restarts the actor if it dies (its counts start again from zero).
-- ``redis://...``: `limits`' Redis storage, used directly from each replica.
+- ``redis://...``: Redis, used directly from each replica: request limits through
+  `limits`' Redis storage (each hit one atomic script), token quotas through
+  `RedisTokenLedger` (check-and-reserve over every window in one Lua script).
 
 A failing store never takes the service down: with ``fail_open`` the request goes
 through, the failure is counted and logged once until the store answers again.
@@ -97,12 +99,12 @@ class Decision:
 class Reservation:
     """Tokens an admitted request holds against its client's token quotas: its worst
     case (prompt + every sequence's new tokens), charged at admission so that
-    concurrent requests cannot overdraw the quota together. ``windows_end`` is when
-    each quota's window (in order) ended at admission: a refund goes back only to that
-    window."""
+    concurrent requests cannot overdraw the quota together. ``windows`` names the
+    window of each quota (in order) that held them, so that a refund goes back to that
+    window and only there: when it ended (Ray actor store) or began (Redis)."""
 
     tokens: int
-    windows_end: tuple[float, ...]
+    windows: tuple[float, ...]
 
 
 def far_from_spent(remaining: float, limit: int) -> bool:
@@ -110,47 +112,191 @@ def far_from_spent(remaining: float, limit: int) -> bool:
     return remaining >= max(2, 0.1 * limit)
 
 
-class WindowCounter:
-    """Runs `limits` strategies over one storage. Request limits use the configured
-    strategy; token quotas use fixed windows, whose counters record a charge even when
-    it overdraws the quota, so a client stays stopped until its window renews."""
+@dataclasses.dataclass(frozen=True)
+class Reserved:
+    """What a `TokenLedger.reserve` did. ``reservation``: None when refused or when
+    nothing was charged (0 tokens). ``standings``: each quota's after the charge; when
+    refused, the refusing quota's alone."""
+
+    allowed: bool
+    reservation: Reservation | None
+    standings: tuple[LimitState, ...]
+
+
+class TokenLedger(abc.ABC):
+    """Token quotas: fixed windows whose counters record a charge even when it
+    overdraws the quota, so a client stays stopped until its window renews."""
+
+    @abc.abstractmethod
+    async def reserve(self, identity: str, items: list[RateLimitItem], tokens: int) -> Reserved:
+        """Charges ``tokens`` to every quota at once if each has them left (at least
+        one token left when ``tokens`` is 0), else charges nothing."""
+
+    @abc.abstractmethod
+    async def settle(self, identity: str, items: list[RateLimitItem], used: int, reservation: Reservation | None) -> None:
+        """Charges what a request used against what it reserved: the unused part goes
+        back to the window that held it (if that window still runs), and tokens past
+        the reservation are charged to the current window."""
+
+
+class LimitsTokenLedger(TokenLedger):
+    """Token quotas in a `limits` storage whose calls never suspend between the check
+    and the charge (MemoryStorage, in the Ray actor: one request at a time)."""
 
     def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._windows = FixedWindowRateLimiter(storage)
+
+    async def reserve(self, identity: str, items: list[RateLimitItem], tokens: int) -> Reserved:
+        for item in items:
+            if not await self._windows.test(item, "tokens", identity, cost=max(1, tokens)):
+                return Reserved(False, None, (await _state(self._windows, item, "tokens", identity),))
+        ends = []
+        for item in items if tokens else ():
+            await self._windows.hit(item, "tokens", identity, cost=tokens)
+            ends.append(await self._storage.get_expiry(item.key_for("tokens", identity)))
+        standings = tuple([await _state(self._windows, item, "tokens", identity) for item in items])
+        return Reserved(True, Reservation(tokens, tuple(ends)) if tokens else None, standings)
+
+    async def settle(self, identity: str, items: list[RateLimitItem], used: int, reservation: Reservation | None) -> None:
+        reserved = reservation.tokens if reservation else 0
+        for number, item in enumerate(items):
+            key = item.key_for("tokens", identity)
+            # MemoryStorage keeps a window's end as set when it began: the same window
+            # answers the same end.
+            same_window = reservation is not None and await self._storage.get_expiry(key) == reservation.windows[number]
+            owed = used - reserved if same_window or used > reserved else 0
+            if owed > 0:
+                await self._windows.hit(item, "tokens", identity, cost=owed)
+            elif owed < 0:
+                await self._storage.incr(key, item.get_expiry(), amount=owed)
+
+
+# KEYS: one key prefix per quota. ARGV: the tokens, then per quota its amount and window
+# seconds. Windows are aligned on the server's clock (one clock for every replica),
+# each named by its start. Returns {1, start, used after, ...} or {0, refusing quota's
+# number, used, start}.
+_RESERVE = """
+local now = redis.call('TIME')
+local at = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local tokens = tonumber(ARGV[1])
+local starts, used = {}, {}
+for i = 1, #KEYS do
+  local seconds = tonumber(ARGV[2 * i + 1])
+  starts[i] = math.floor(at / seconds) * seconds
+  used[i] = tonumber(redis.call('GET', KEYS[i] .. starts[i]) or '0')
+  if used[i] + math.max(1, tokens) > tonumber(ARGV[2 * i]) then
+    return {0, i, used[i], starts[i]}
+  end
+end
+local answer = {1}
+for i = 1, #KEYS do
+  if tokens > 0 then
+    used[i] = redis.call('INCRBY', KEYS[i] .. starts[i], tokens)
+    redis.call('EXPIRE', KEYS[i] .. starts[i], tonumber(ARGV[2 * i + 1]) + 1)
+  end
+  table.insert(answer, starts[i])
+  table.insert(answer, used[i])
+end
+return answer
+"""
+
+# KEYS: one key prefix per quota. ARGV: used, reserved, then per quota the reservation's
+# window start (-1: none) and the window seconds.
+_SETTLE = """
+local now = redis.call('TIME')
+local at = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local used, reserved = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 1, #KEYS do
+  local held, seconds = tonumber(ARGV[2 * i + 1]), tonumber(ARGV[2 * i + 2])
+  local current = math.floor(at / seconds) * seconds
+  local owed = 0
+  if held == current or used > reserved then owed = used - reserved end
+  if owed > 0 then
+    redis.call('INCRBY', KEYS[i] .. current, owed)
+    redis.call('EXPIRE', KEYS[i] .. current, seconds + 1)
+  elseif owed < 0 and redis.call('EXISTS', KEYS[i] .. held) == 1 then
+    redis.call('DECRBY', KEYS[i] .. held, -owed)
+  end
+end
+return 1
+"""
+
+
+class RedisTokenLedger(TokenLedger):
+    """Token quotas in Redis, checked and reserved in one script over every window, so
+    that ingress replicas racing for the last tokens cannot both take them; the
+    reservation names each window by its start, and a refund goes to that window's key
+    while it still exists (and the window still runs). A client's keys share a hash
+    tag (one cluster slot)."""
+
+    def __init__(self, uri: str) -> None:
+        import redis.asyncio  # with the `limits[redis]` extra; only a Redis store needs it
+
+        self._client = redis.asyncio.Redis.from_url(uri)
+        self._reserve = self._client.register_script(_RESERVE)
+        self._settle = self._client.register_script(_SETTLE)
+
+    @staticmethod
+    def _prefixes(identity: str, items: list[RateLimitItem]) -> list[str]:
+        return [f"textgen:tokens:{{{identity}}}:{item.amount}/{item.get_expiry()}s:" for item in items]
+
+    async def reserve(self, identity: str, items: list[RateLimitItem], tokens: int) -> Reserved:
+        windows = [arg for item in items for arg in (item.amount, item.get_expiry())]
+        answer = [int(value) for value in await self._reserve(self._prefixes(identity, items), [tokens, *windows])]
+        now = time.time()
+        if answer[0] == 0:
+            _, number, used, start = answer
+            item = items[number - 1]
+            return Reserved(False, None, (_standing(item, used, start + item.get_expiry() - now),))
+        starts, used = answer[1::2], answer[2::2]
+        standings = tuple(
+            _standing(item, spent, start + item.get_expiry() - now)
+            for item, start, spent in zip(items, starts, used, strict=True)
+        )
+        return Reserved(True, Reservation(tokens, tuple(starts)) if tokens else None, standings)
+
+    async def settle(self, identity: str, items: list[RateLimitItem], used: int, reservation: Reservation | None) -> None:
+        held = reservation.windows if reservation else (-1,) * len(items)
+        windows = [arg for item, start in zip(items, held, strict=True) for arg in (int(start), item.get_expiry())]
+        reserved = reservation.tokens if reservation else 0
+        await self._settle(self._prefixes(identity, items), [used, reserved, *windows])
+
+
+class WindowCounter:
+    """Runs `limits` strategies over one storage for request limits (the configured
+    strategy), and a `TokenLedger` for token quotas."""
+
+    def __init__(self, storage: Storage, ledger: TokenLedger | None = None) -> None:
         self._strategies: dict[str, WindowLimiter] = {
             name: cls(storage) for name, cls in STRATEGIES.items()
         }
         self._storage = storage
+        self._ledger = ledger or LimitsTokenLedger(storage)
 
     async def admit(self, identity: str, quota: Quota, strategy: str, tokens_needed: int | None = 0) -> Decision:
-        """Counts a request and reserves ``tokens_needed`` against every token quota,
-        or refuses it (nothing counted) when a limit is spent or the reservation does
-        not fit. In the Ray actor nothing else runs between the checks and the counts
-        (MemoryStorage never suspends), so concurrent requests cannot both take the last
-        tokens; with Redis, replicas may race by one request."""
+        """Reserves ``tokens_needed`` against every token quota and counts a request,
+        or refuses it (nothing left counted) when a limit is spent or the reservation
+        does not fit. The reservation is one step of the ledger (see `TokenLedger`), so
+        concurrent requests cannot both take the last tokens; a request that a request
+        limit then refuses gives its reservation back."""
         requests = self._strategies[strategy]
-        tokens = self._strategies["fixed-window"]
-        reserve = max(1, tokens_needed or 0)
-        for text in quota.tokens if tokens_needed is not None else ():
-            item = parse_limit(text)
-            if not await tokens.test(item, "tokens", identity, cost=reserve):
-                return Decision(False, await self._state(tokens, item, "tokens", identity), refused_tokens=True)
+        token_items = [parse_limit(text) for text in quota.tokens] if tokens_needed is not None else []
+        reservation, standings = None, ()
+        if token_items:
+            reserved = await self._ledger.reserve(identity, token_items, tokens_needed or 0)
+            if not reserved.allowed:
+                return Decision(False, reserved.standings[0], refused_tokens=True)
+            reservation, standings = reserved.reservation, reserved.standings
         for text in quota.requests:
             item = parse_limit(text)
             if not await requests.hit(item, "requests", identity):
-                return Decision(False, await self._state(requests, item, "requests", identity))
-        reservation = None
-        if quota.tokens and tokens_needed:
-            ends = []
-            for text in quota.tokens:
-                item = parse_limit(text)
-                await tokens.hit(item, "tokens", identity, cost=tokens_needed)
-                ends.append(await self._storage.get_expiry(item.key_for("tokens", identity)))
-            reservation = Reservation(tokens_needed, tuple(ends))
+                if reservation is not None:
+                    await self._ledger.settle(identity, token_items, 0, reservation)
+                return Decision(False, await _state(requests, item, "requests", identity))
         tightest = await self._tightest(identity, quota, strategy)
         headroom = tightest is None or far_from_spent(tightest.remaining, tightest.limit)
-        for text in quota.tokens if headroom else ():
-            standing = await self._state(tokens, parse_limit(text), "tokens", identity)
-            headroom = headroom and far_from_spent(standing.remaining, standing.limit)
+        headroom = headroom and all(far_from_spent(standing.remaining, standing.limit) for standing in standings)
         return Decision(True, tightest, headroom, reservation=reservation)
 
     async def peek(self, identity: str, quota: Quota, strategy: str) -> LimitState | None:
@@ -160,33 +306,28 @@ class WindowCounter:
         return await self._storage.check()
 
     async def settle_tokens(self, identity: str, quota: Quota, used: int, reservation: Reservation | None) -> None:
-        """Charges what a request used against what it reserved: the unused part goes
-        back to the window that held it (if that window still runs), and tokens past
-        the reservation are charged to the current window."""
-        reserved = reservation.tokens if reservation else 0
-        for number, text in enumerate(quota.tokens):
-            item = parse_limit(text)
-            key = item.key_for("tokens", identity)
-            same_window = reservation is not None and await self._storage.get_expiry(key) == reservation.windows_end[number]
-            owed = used - reserved if same_window or used > reserved else 0
-            if owed > 0:
-                await self._strategies["fixed-window"].hit(item, "tokens", identity, cost=owed)
-            elif owed < 0:
-                await self._storage.incr(key, item.get_expiry(), amount=owed)
+        await self._ledger.settle(identity, [parse_limit(text) for text in quota.tokens], used, reservation)
 
     async def _tightest(self, identity: str, quota: Quota, strategy: str) -> LimitState | None:
         states = [
-            await self._state(self._strategies[strategy], parse_limit(text), "requests", identity)
+            await _state(self._strategies[strategy], parse_limit(text), "requests", identity)
             for text in quota.requests
         ]
         return min(states, key=lambda s: (s.remaining / s.limit, -s.reset_after_s), default=None)
 
-    @staticmethod
-    async def _state(strategy: WindowLimiter, item: RateLimitItem, *key: str) -> LimitState:
-        stats = await strategy.get_window_stats(item, *key)
-        unit = item.GRANULARITY.name
-        window = unit if item.multiples == 1 else f"{item.multiples} {unit}s"
-        return LimitState(item.amount, stats.remaining, stats.reset_time - time.time(), window)
+
+def _window_name(item: RateLimitItem) -> str:
+    unit = item.GRANULARITY.name
+    return unit if item.multiples == 1 else f"{item.multiples} {unit}s"
+
+
+def _standing(item: RateLimitItem, used: int, reset_after_s: float) -> LimitState:
+    return LimitState(item.amount, item.amount - used, reset_after_s, _window_name(item))
+
+
+async def _state(strategy: WindowLimiter, item: RateLimitItem, *key: str) -> LimitState:
+    stats = await strategy.get_window_stats(item, *key)
+    return LimitState(item.amount, stats.remaining, stats.reset_time - time.time(), _window_name(item))
 
 
 class _CountsHere:
@@ -289,8 +430,10 @@ class StorageBackend(_CountsHere, Backend):
         self._counter = self._connect()
 
     def _connect(self) -> WindowCounter:
-        options = {"implementation": "redispy"} if self.name.startswith("redis") else {}
-        return WindowCounter(storage_from_string(f"async+{self._uri}", **options))
+        if not self.name.startswith("redis"):
+            return WindowCounter(storage_from_string(f"async+{self._uri}"))
+        storage = storage_from_string(f"async+{self._uri}", implementation="redispy")
+        return WindowCounter(storage, RedisTokenLedger(self._uri))
 
     async def ping(self) -> None:
         if not await self._counter.ping():

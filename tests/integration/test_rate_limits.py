@@ -1,9 +1,7 @@
 """Cluster-wide limits over HTTP: two ingress replicas share one count."""
 
 import asyncio
-import shutil
-import socket
-import subprocess
+import multiprocessing
 import threading
 import time
 
@@ -14,6 +12,7 @@ from ray import serve
 
 from serve_app.args import AppArgs, AuthArgs, IngressArgs, ModelArgs, QuotaArgs, RateLimitArgs
 from tests.integration.conftest import deploy, free_port
+from tests.redis_store import admit_together, start_redis
 
 pytestmark = pytest.mark.integration
 
@@ -225,13 +224,8 @@ def test_v1_routes_get_the_same_keys_limits_and_quotas(keys_url):
 
 @pytest.fixture(scope="module")
 def redis_url(serve_base_url, tiny_model_dir, tmp_path_factory):
-    server = shutil.which("redis-server")
-    assert server, "redis-server is needed (Debian package redis-server; .ci/run installs it)"
     port = free_port()
-    redis = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
+    redis = start_redis(port)
     try:
         rate_limits = RateLimitArgs(
             default=QuotaArgs(requests=["10/minute"]),
@@ -246,26 +240,63 @@ def redis_url(serve_base_url, tiny_model_dir, tmp_path_factory):
         redis.wait(timeout=10)
 
 
+@pytest.fixture
+def bare_redis():
+    """A redis-server of its own (no app uses it)."""
+    port = free_port()
+    redis = start_redis(port)
+    yield f"redis://127.0.0.1:{port}/0"
+    redis.terminate()
+    redis.wait(timeout=10)
+
+
+def test_ingress_replicas_racing_on_redis_never_overdraw_a_token_quota(bare_redis):
+    """4 processes (as 4 ingress replicas) x 8 concurrent 900-token reservations against
+    1000 tokens a minute: the quota fits one, and exactly one is admitted (test, then
+    await, then charge admitted 15 of 32)."""
+    context = multiprocessing.get_context("spawn")
+    start, admitted = context.Barrier(4), context.Queue()
+    racers = [context.Process(target=admit_together, args=(bare_redis, "1000/minute", 900, 8, start, admitted))
+              for _ in range(4)]
+    for racer in racers:
+        racer.start()
+    counts = [admitted.get(timeout=60) for _ in racers]
+    for racer in racers:
+        racer.join(timeout=30)
+    assert sum(counts) == 1, counts
+
+
+def test_a_token_refund_on_redis_lands_in_its_own_window_and_only_there(bare_redis):
+    from serve_app.rate_limit import Quota, RateLimiter, Reservation, StorageBackend
+
+    async def scenario() -> list:
+        limiter = RateLimiter(StorageBackend(bare_redis), "fixed-window", fail_open=False, timeout_s=5)
+        tokens = Quota(tokens=("1000/minute",))
+        seen = []
+        reserved = await limiter.admit("key:a", tokens, 900)
+        stale = Reservation(900, tuple(start - 60 for start in reserved.reservation.windows))
+        limiter.settle_tokens("key:a", tokens, 10, stale)  # held by a window that has ended
+        await limiter.wait_for_settlements()
+        seen.append((await limiter.admit("key:a", tokens, 200)).allowed)  # still 900 charged
+        limiter.settle_tokens("key:a", tokens, 10, reserved.reservation)  # its own window: 890 back
+        await limiter.wait_for_settlements()
+        again = await limiter.admit("key:a", tokens, 990)  # 10 + 990 = the whole quota
+        seen += [again.allowed, (await limiter.admit("key:a", tokens, 1)).allowed]
+        limiter.settle_tokens("key:a", tokens, 1000, again.reservation)  # used 10 more than it held
+        await limiter.wait_for_settlements()
+        seen.append((await limiter.admit("key:a", tokens, 1)).state.remaining)  # the 10 were charged
+        # A request that a request limit refuses gives back what it reserved.
+        both = Quota(requests=("1/minute",), tokens=("1000/minute",))
+        seen += [(await limiter.admit("key:b", both, 500)).allowed, (await limiter.admit("key:b", both, 500)).allowed]
+        seen.append((await limiter.admit("key:b", tokens, 500)).allowed)
+        return seen
+
+    assert asyncio.run(scenario()) == [False, True, False, -10, True, False, True]
+
+
 def test_redis_backend_gives_the_same_results(redis_url):
     check_ten_of_fifteen(redis_url, "192.0.2.77", atomic_standing=False)
     assert asyncio.run(burst(redis_url, 1, from_client("192.0.2.78")))[0].status_code == 200
-
-
-def start_redis(port: int) -> subprocess.Popen:
-    server = shutil.which("redis-server")
-    assert server, "redis-server is needed (Debian package redis-server; .ci/run installs it)"
-    process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return process
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("redis-server did not start")
 
 
 def limiter_errors(metrics_url: str) -> float:

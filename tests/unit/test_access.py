@@ -263,7 +263,7 @@ def test_a_settlement_after_the_window_renewed_refunds_nothing():
         counter = WindowCounter(MemoryStorage())
         quota = Quota(tokens=("100/minute",))
         decision = await counter.admit("ip:a", quota, "fixed-window", tokens_needed=60)
-        stale = Reservation(60, tuple(end - 60 for end in decision.reservation.windows_end))
+        stale = Reservation(60, tuple(end - 60 for end in decision.reservation.windows))
         await counter.settle_tokens("ip:a", quota, 10, stale)  # from a window that ended
         refused = await counter.admit("ip:a", quota, "fixed-window", tokens_needed=50)
         await counter.settle_tokens("ip:a", quota, 10, decision.reservation)  # its own window
