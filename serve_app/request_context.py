@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import time
+import urllib.parse
 import uuid
 
 from starlette.datastructures import MutableHeaders
@@ -112,7 +113,7 @@ class RequestContextMiddleware:
                 "completion_tokens=%s latency_ms=%.1f%s",
                 request_id,
                 scope.get("method"),
-                scope.get("path"),
+                _loggable_path(scope.get("path", "")),
                 status,
                 usage.prompt_tokens if usage else "-",
                 usage.completion_tokens if usage else "-",
@@ -140,3 +141,10 @@ class RequestContextMiddleware:
             500, f"internal error; quote request id {request_id}", openai=speaks_openai(scope)
         )
         await response(scope, receive, send)
+
+
+def _loggable_path(path: str) -> str:
+    """The path percent-encoded again: decoded, ``/x%0Arequest_id=...`` would write a
+    second, forged line into the log (and any control or non-ASCII character is
+    shown as what the client sent)."""
+    return urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~")

@@ -382,6 +382,17 @@ def test_a_client_error_is_one_info_line_with_its_id_and_reason(client, caplog):
     assert "error=" not in record.getMessage()
 
 
+def test_a_path_cannot_forge_a_log_line(client, caplog):
+    caplog.set_level(logging.INFO, logger="ray.serve")
+    response = client.get("/x%0Drequest_id=forged%0Amethod=GET%20path=/generate", headers={"X-Request-ID": "forger"})
+    assert response.status_code == 404
+    [record] = [r for r in caplog.records if "request_id=forger " in r.getMessage()]
+    message = record.getMessage()
+    assert "\n" not in message and "\r" not in message
+    assert "path=/x%0Drequest_id=forged%0Amethod=GET%20path=/generate status=404" in message
+    assert not any("request_id=forged" in r.getMessage() and r is not record for r in caplog.records)
+
+
 WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
 
 
