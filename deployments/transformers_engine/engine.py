@@ -340,6 +340,12 @@ class TransformersEngine(Engine):
                 )
             )
         prepared = prepare_request(params, token_ids, self._context_length, self._defaults)
+        if prepared.num_return_sequences > self.config.max_batch_size:  # else it would wait for ever
+            raise InvalidRequestError(
+                f"{prepared.num_return_sequences} sequences (n) is more than model {self.config.name}'s "
+                f"max_batch_size of {self.config.max_batch_size}: a request's sequences run together",
+                param="num_return_sequences",
+            )
         if prepared.adapter is not None and prepared.adapter not in self.config.adapters:
             known = ", ".join(self.config.adapters) or "none"
             raise InvalidRequestError(

@@ -244,6 +244,20 @@ def test_context_overflow_is_rejected_before_generation(engine):
     assert "exceeds the model's context of 256 tokens" in caught.value.message
 
 
+def test_more_sequences_than_the_batch_holds_are_refused_not_left_waiting(tiny_model_dir):
+    engine = TransformersEngine(ModelConfig(name="tiny", source=str(tiny_model_dir), max_batch_size=2), "cpu")
+    engine.load()
+    try:
+        with pytest.raises(InvalidRequestError) as caught:
+            engine.prepare(GenerationParams(prompt="a", num_return_sequences=3))
+        assert caught.value.param == "num_return_sequences"
+        assert "3 sequences (n) is more than model tiny's max_batch_size of 2" in caught.value.message
+        [fits] = run(engine, greedy(num_return_sequences=2, max_new_tokens=2))
+        assert [fits[index][2] for index in (0, 1)] == [2, 2]
+    finally:
+        engine.close()
+
+
 def test_a_cancelled_request_leaves_the_batch_at_the_next_step(engine):
     async def consume():
         long = engine.prepare(greedy("A long one", max_new_tokens=40))
