@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
-from limits import parse
+from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.datastructures import Headers, MutableHeaders
@@ -126,6 +126,7 @@ class AccessControl:
         unauthenticated_limit: str = AuthArgs.model_fields["unauthenticated_limit"].default,
         max_concurrent_per_client: int | None = None,
         model_quotas: Mapping[str, Quota] | None = None,
+        invalid_request_limit: str = RateLimitArgs.model_fields["invalid_request_limit"].default,
     ) -> None:
         self.limiter = limiter
         self._default_quota = default_quota
@@ -134,7 +135,9 @@ class AccessControl:
         self._api_keys = api_keys
         self._trusted_proxies = list(trusted_proxies)
         self._unauthenticated_limit = parse(unauthenticated_limit)
-        self._unauthenticated = MovingWindowRateLimiter(MemoryStorage())
+        self._invalid_request_limit = parse(invalid_request_limit)
+        # Allowances counted in this replica's memory, never the shared store.
+        self._allowances = MovingWindowRateLimiter(MemoryStorage())
         self._max_concurrent = max_concurrent_per_client
         self._in_flight: dict[str, int] = {}  # per client, in this replica
 
@@ -142,9 +145,24 @@ class AccessControl:
         """Counts a request without a valid key against its address's allowance, in
         this replica's memory (never the shared store: those requests cost their
         senders nothing). Returns None while within it, else seconds to wait."""
-        if await self._unauthenticated.hit(self._unauthenticated_limit, "unauthenticated", client.identity):
+        if await self._allowances.hit(self._unauthenticated_limit, "unauthenticated", client.identity):
             return None
-        stats = await self._unauthenticated.get_window_stats(self._unauthenticated_limit, "unauthenticated", client.identity)
+        return await self._retry_after(self._unauthenticated_limit, "unauthenticated", client)
+
+    async def count_invalid(self, client: Client) -> None:
+        """Counts a request refused before admission (a 4xx that never reached the
+        store) against the client's allowance of them, in this replica's memory."""
+        await self._allowances.hit(self._invalid_request_limit, "invalid", client.identity)
+
+    async def invalid_retry_after(self, client: Client) -> int | None:
+        """None while the client is within its allowance of refused requests, else
+        seconds until it may send again."""
+        if self.limiter is None or await self._allowances.test(self._invalid_request_limit, "invalid", client.identity):
+            return None
+        return await self._retry_after(self._invalid_request_limit, "invalid", client)
+
+    async def _retry_after(self, limit: RateLimitItem, kind: str, client: Client) -> int:
+        stats = await self._allowances.get_window_stats(limit, kind, client.identity)
         return max(1, math.ceil(stats.reset_time - time.time()))
 
     def anonymous(self, scope: Scope) -> Client:
@@ -341,6 +359,7 @@ def build_access_control(
         auth.unauthenticated_limit,
         rate_limits.max_concurrent_per_client,
         {name: quota.to_quota() for name, quota in rate_limits.models.items()},
+        rate_limits.invalid_request_limit,
     )
 
 
@@ -379,12 +398,25 @@ class AccessMiddleware:
         if route_path(scope) in OPEN_PATHS:  # probes and the schema: never counted, no headers
             await self.app(scope, receive, send)
             return
+        client = state["client"]
+        retry_after = await self.access.invalid_retry_after(client)
+        if retry_after is not None:
+            message = f"too many invalid requests from {client.identity}; fix them, and retry in {retry_after} s"
+            metrics.record_rate_limited(route_label(scope))
+            headers = {"Retry-After": str(retry_after)}
+            await error_response(429, message, None, None, headers, speaks_openai(scope))(scope, receive, send)
+            return
         try:
             await self.app(scope, receive, self._with_rate_headers(scope, send))
         finally:
             self.access.release(scope)
 
     def _with_rate_headers(self, scope: Scope, send: Send) -> Send:
+        """Puts the client's standing on the response: the one its admission left; for a
+        request refused before admission (a 4xx other than a limit's 429), the last this
+        replica saw, counting the refusal against the client's allowance (never a store
+        call: a flood of bad requests costs the store nothing); else (/v1/models,
+        /version) a look at the counters, at most one a second per client."""
         limiter = self.access.limiter
         if limiter is None:
             return send
@@ -394,7 +426,10 @@ class AccessMiddleware:
             if message["type"] == "http.response.start":
                 client: Client = state["client"]
                 standing = state.get("rate_limit")
-                if standing is None:
+                if standing is None and 400 <= message["status"] < 500 and message["status"] != 429:
+                    await self.access.count_invalid(client)
+                    standing = limiter.last_standing(client.identity)
+                elif standing is None:
                     standing = await limiter.peek(client.identity, client.quota)
                 if standing is not None:
                     MutableHeaders(scope=message).update(standing.headers())

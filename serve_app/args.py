@@ -423,6 +423,14 @@ class RateLimitArgs(BaseModel):
             "from anyone else the header is ignored."
         ),
     )
+    invalid_request_limit: str = Field(
+        default="60/minute",
+        description=(
+            "Requests refused before they are counted (a 4xx such as 422, 404, 405, 408, 413 "
+            "or 415) each client may send before its requests get 429, counted in each "
+            "ingress replica's memory: a flood of bad requests never reaches the shared store."
+        ),
+    )
     max_concurrent_per_client: int | None = Field(
         default=None,
         ge=1,
@@ -433,6 +441,11 @@ class RateLimitArgs(BaseModel):
             "client may have up to N times this many."
         ),
     )
+
+    @field_validator("invalid_request_limit")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        return check_rate_limit(value)
 
 
 class AuthArgs(BaseModel):
@@ -460,11 +473,7 @@ class AuthArgs(BaseModel):
     @field_validator("unauthenticated_limit")
     @classmethod
     def _parses(cls, value: str) -> str:
-        try:
-            parse(value)
-        except ValueError as exc:
-            raise ValueError(f"{value!r} is not a limit like 60/minute: {exc}") from None
-        return value
+        return check_rate_limit(value)
 
 
 class AppArgs(BaseModel):

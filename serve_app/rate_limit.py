@@ -473,6 +473,7 @@ class RateLimiter:
         self._failing = False
         self._background: set[asyncio.Task] = set()
         self._headroom_until: dict[str, float] = {}
+        self._standings: dict[str, tuple[float, LimitState]] = {}  # the last seen, and when
 
     def has_headroom(self, identity: str) -> bool:
         """Whether this replica saw, within the last second, that ``identity`` is far
@@ -516,15 +517,44 @@ class RateLimiter:
                 raise StoreUnavailableError()
             return Decision(True)
         self._remember_headroom(identity, decision)
+        self._remember_standing(identity, decision.state)
         return decision
 
     async def peek(self, identity: str, quota: Quota) -> LimitState | None:
-        """The client's standing without counting anything (for the headers). None
-        while the store is failing: admit() already waited for it on this request, and
-        its next call finds out when it is back."""
+        """The client's standing without counting anything (for the headers): as this
+        replica saw it within the last second, else from the store (so a flood of
+        requests that count nothing costs the store one call a second per client).
+        None while the store is failing: admit() already waited for it on this
+        request, and its next call finds out when it is back."""
         if not quota.requests or self._failing:
             return None
-        return await self._call(self._backend.peek(identity, quota, self._strategy))
+        recent = self.last_standing(identity, self.HEADROOM_TTL_S)
+        if recent is not None:
+            return recent
+        standing = await self._call(self._backend.peek(identity, quota, self._strategy))
+        self._remember_standing(identity, standing)
+        return standing
+
+    def last_standing(self, identity: str, within_s: float = math.inf) -> LimitState | None:
+        """The client's standing as this replica last saw it (its reset moved on by the
+        time since), if within ``within_s`` and its window has not renewed since;
+        never a store call."""
+        seen = self._standings.get(identity)
+        if seen is None:
+            return None
+        age = time.monotonic() - seen[0]
+        state = seen[1]
+        if age > within_s or age >= state.reset_after_s:
+            return None
+        return dataclasses.replace(state, reset_after_s=state.reset_after_s - age)
+
+    def _remember_standing(self, identity: str, state: LimitState | None) -> None:
+        if state is None:
+            return
+        now = time.monotonic()
+        if len(self._standings) > 10_000:
+            self._standings = {k: v for k, v in self._standings.items() if now - v[0] < v[1].reset_after_s}
+        self._standings[identity] = (now, state)
 
     def settle_tokens(self, identity: str, quota: Quota, used: int, reservation: Reservation | None) -> None:
         """Settles a finished request's tokens against its reservation, off the

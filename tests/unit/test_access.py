@@ -177,26 +177,33 @@ def test_api_keys_gate_and_identify_clients():
 class CountingBackend(StorageBackend):
     """The memory store, counting the calls that reach it."""
 
-    calls = 0
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.calls = 0
 
     async def admit(self, *args):
-        CountingBackend.calls += 1
+        self.calls += 1
         return await super().admit(*args)
 
     async def peek(self, *args):
-        CountingBackend.calls += 1
+        self.calls += 1
         return await super().peek(*args)
+
+    async def settle_tokens(self, *args):
+        self.calls += 1
+        return await super().settle_tokens(*args)
 
 
 def test_requests_without_a_valid_key_never_reach_the_store_and_are_limited_per_address():
     keys = ApiKeys(parse_key_entries(f"alice:{ALICE_KEY}", "test"))
-    limiter = RateLimiter(CountingBackend("memory://"), "moving-window", fail_open=True, timeout_s=1)
+    backend = CountingBackend("memory://")
+    limiter = RateLimiter(backend, "moving-window", fail_open=True, timeout_s=1)
     access = AccessControl(limiter, Quota(requests=("100/minute",)), api_keys=keys, unauthenticated_limit="3/minute")
     with make_client(access) as client:
         statuses = [client.post("/generate", json={"prompt": "a"}, headers={"X-API-Key": "wrong"}).status_code
                     for _ in range(5)]
         probes = [client.get("/healthz").status_code, client.get("/readyz").status_code]
-        assert CountingBackend.calls == 0, "no store round trip for a 401, a 429 without a key, or a probe"
+        assert backend.calls == 0, "no store round trip for a 401, a 429 without a key, or a probe"
         assert statuses == [401, 401, 401, 429, 429]
         refused = client.post("/generate", json={"prompt": "a"})
         assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 60
@@ -204,7 +211,34 @@ def test_requests_without_a_valid_key_never_reach_the_store_and_are_limited_per_
         assert "X-RateLimit-Limit" not in refused.headers
         assert probes == [200, 200]
         ok = client.post("/generate", json={"prompt": "a", "max_new_tokens": 1}, headers={"X-API-Key": ALICE_KEY})
-        assert ok.status_code == 200 and CountingBackend.calls >= 1, "a keyed request still counts"
+        assert ok.status_code == 200 and backend.calls >= 1, "a keyed request still counts"
+
+
+def test_a_flood_of_invalid_requests_never_reaches_the_store_and_is_limited_per_client():
+    backend = CountingBackend("memory://")
+    limiter = RateLimiter(backend, "moving-window", fail_open=True, timeout_s=1)
+    access = AccessControl(limiter, Quota(requests=("100/minute",), tokens=("10000/minute",)),
+                           invalid_request_limit="5/minute")
+    with make_client(access) as client:
+        bad = [
+            client.post("/generate", json={"prompt": "a", "temperature": 9}),  # 422
+            client.post("/v1/completions", json={"model": "nope", "prompt": "a"}),  # 404
+            client.get("/generate"),  # 405
+            client.post("/generate", content=b"{}", headers={"Content-Type": "text/plain"}),  # 415
+            client.post("/generate", json={"prompt": ""}),  # 422
+        ]
+        assert [r.status_code for r in bad] == [422, 404, 405, 415, 422]
+        assert backend.calls == 0, "no store round trip for a request refused before admission"
+        assert not any("X-RateLimit-Limit" in r.headers for r in bad), "no standing seen yet: none reported"
+        past = [client.post("/generate", json={"prompt": "a", "max_new_tokens": 1}) for _ in range(2)]
+        assert [r.status_code for r in past] == [429, 429], "past its allowance, every request of the client waits"
+        assert "too many invalid requests" in past[0].json()["error"]["message"]
+        assert 1 <= int(past[0].headers["Retry-After"]) <= 60 and backend.calls == 0
+    fresh = AccessControl(memory_limiter(), Quota(requests=("3/minute",)), invalid_request_limit="5/minute")
+    with make_client(fresh) as client:
+        assert client.post("/generate", json={"prompt": "a", "max_new_tokens": 1}).status_code == 200
+        invalid = client.post("/generate", json={"prompt": "a", "temperature": 9})
+        assert invalid.status_code == 422 and invalid.headers["X-RateLimit-Remaining"] == "2", "the last standing seen"
 
 
 def test_token_quota_reserves_the_worst_case_and_keeps_only_what_was_used():
