@@ -112,8 +112,8 @@ class AccessControl:
         key_quotas: quota per API key name.
         api_keys: the keys, or None when keys are off.
         trusted_proxies: proxies whose X-Forwarded-For is believed.
-        model_quotas: quota per served model or adapter, per client, instead of the
-            client's own for requests to it.
+        model_quotas: quota per served model or adapter, per client, for requests to it
+            as well as the client's own.
     """
 
     def __init__(
@@ -197,8 +197,6 @@ class AccessControl:
             ServiceError: 429 when a limit is spent or the tokens do not fit, 503 when the
                 store failed closed.
         """
-        client: Client = request.state.client
-        self._hold_a_slot(request, client)
         if self.limiter is None:
             return
         identity, quota = self.counted_as(request)
@@ -214,35 +212,38 @@ class AccessControl:
             if decision.refused_tokens:
                 message = (
                     f"token quota of {decision.state.limit} per {decision.state.window} has {decision.state.remaining} left "
-                    f"for {identity}; this request may cost up to {tokens_needed} tokens (prompt + "
+                    f"for {decision.refused_for or identity}; this request may cost up to {tokens_needed} tokens (prompt + "
                     f"every sequence's max new tokens); lower max_new_tokens or retry in {retry_after} s"
                 )
             else:
                 message = (
                     f"rate limit of {decision.state.limit} requests per {decision.state.window} exceeded for "
-                    f"{identity}; retry in {retry_after} s"
+                    f"{decision.refused_for or identity}; retry in {retry_after} s"
                 )
             raise ServiceError(429, message, headers={"Retry-After": str(retry_after)})
         request.state.reservation = decision.reservation
         request.state.settled = tokens_needed is None  # generates nothing: nothing to settle
 
     def counted_as(self, request: Request) -> tuple[str, Quota]:
-        """What a request counts against: its client's quota, or, for a model (or
-        adapter) with a quota of its own, that quota, counted per client and model."""
+        """What a request counts against: its client's quota and, for a model (or
+        adapter) with a quota of its own, that quota too, counted per client and model;
+        it is admitted only when both allow it."""
         client: Client = request.state.client
-        quota = self._model_quotas.get(getattr(request.state, "model", None))
+        model = getattr(request.state, "model", None)
+        quota = self._model_quotas.get(model)
         if quota is None:
             return client.identity, client.quota
-        return f"{client.identity} on {request.state.model}", quota
+        return client.identity, dataclasses.replace(client.quota, scoped=((f" on {model}", quota),))
 
-    def _hold_a_slot(self, request: Request, client: Client) -> None:
+    def hold_a_slot(self, scope: Scope, client: Client) -> None:
         """Counts the request among its client's requests in flight here (released by
-        `release`), or refuses it with 429 when the client has its most already."""
+        `release`), from before its body is read (one that trickles in holds its slot
+        too), or refuses it with 429 when the client has its most already."""
         if self._max_concurrent is None:
             return
         held = self._in_flight.get(client.identity, 0)
         if held >= self._max_concurrent:
-            metrics.record_rate_limited(route_label(request.scope))
+            metrics.record_rate_limited(route_label(scope))
             raise ServiceError(
                 429,
                 f"{client.identity} has {held} requests in flight, the most allowed at once; "
@@ -250,7 +251,7 @@ class AccessControl:
                 headers={"Retry-After": "1"},
             )
         self._in_flight[client.identity] = held + 1
-        request.state.holds_slot = True
+        scope["state"]["holds_slot"] = True
 
     def release(self, scope: Scope) -> None:
         """Ends what `admit` started for the request: its concurrency slot, and its
@@ -405,6 +406,13 @@ class AccessMiddleware:
             metrics.record_rate_limited(route_label(scope))
             headers = {"Retry-After": str(retry_after)}
             await error_response(429, message, None, None, headers, speaks_openai(scope))(scope, receive, send)
+            return
+        try:
+            self.access.hold_a_slot(scope, client)
+        except ServiceError as exc:
+            await error_response(exc.status_code, exc.message, None, None, exc.headers, speaks_openai(scope))(
+                scope, receive, send
+            )
             return
         try:
             await self.app(scope, receive, self._with_rate_headers(scope, send))

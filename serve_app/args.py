@@ -394,7 +394,8 @@ class RateLimitArgs(BaseModel):
         default_factory=dict,
         description=(
             "Quota per served model or LoRA adapter (`<model>:<adapter>`): each client's requests "
-            "to it count against this quota, kept per client and model, instead of the client's own."
+            "to it count against this quota, kept per client and model, as well as the client's own "
+            "(a request is admitted only when both allow it)."
         ),
     )
     storage: str = Field(

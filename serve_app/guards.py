@@ -73,29 +73,29 @@ class RequestGuardMiddleware:
             status, message, headers = refusal
             await error_response(status, message, headers=headers, openai=openai)(scope, receive, send)
             return
-        if scope.get("method") in _BODY_METHODS:
-            # Read the body here, up to the limit, so that a body sent without a
-            # Content-Length (chunked) is refused the same way; the route then reads it
-            # from memory. Bodies are small (1 MiB by default).
-            try:
-                async with asyncio.timeout(self.body_read_timeout_s):
-                    body = await self._read_body(receive)
-            except TimeoutError:
-                message = f"the request body did not arrive within {self.body_read_timeout_s:g} s"
-                await error_response(408, message, openai=openai)(scope, receive, send)
-                return
-            if body is None:
-                await error_response(413, self._too_large_message(), openai=openai)(scope, receive, send)
-                return
-            receive = _replay(body, receive)
-        if route_path(scope) in PROBE_PATHS:  # probes must answer however loaded the replica is
-            await self.app(scope, receive, send)
-            return
-        self.in_flight += 1
+        counted = route_path(scope) not in PROBE_PATHS  # probes must answer however loaded the replica is
+        if counted:
+            self.in_flight += 1  # from the first byte: a body that trickles in holds a slot too
         try:
+            if scope.get("method") in _BODY_METHODS:
+                # Read the body here, up to the limit, so that a body sent without a
+                # Content-Length (chunked) is refused the same way; the route then reads
+                # it from memory. Bodies are small (1 MiB by default).
+                try:
+                    async with asyncio.timeout(self.body_read_timeout_s):
+                        body = await self._read_body(receive)
+                except TimeoutError:
+                    message = f"the request body did not arrive within {self.body_read_timeout_s:g} s"
+                    await error_response(408, message, openai=openai)(scope, receive, send)
+                    return
+                if body is None:
+                    await error_response(413, self._too_large_message(), openai=openai)(scope, receive, send)
+                    return
+                receive = _replay(body, receive)
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            if counted:
+                self.in_flight -= 1
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole body, or None once it exceeds the limit."""

@@ -51,17 +51,34 @@ def parse_limit(text: str) -> RateLimitItem:
     return parse(text)
 
 
+# A limit and the identity it is counted under.
+Limit = tuple[str, RateLimitItem]
+
+
 @dataclasses.dataclass(frozen=True)
 class Quota:
     """What one client may spend: request limits and token limits (limits' notation,
-    e.g. ``10/minute``). Empty means unlimited."""
+    e.g. ``10/minute``). Empty means unlimited. ``scoped``: quotas that apply as well,
+    each counted under the client's identity with a suffix (a model's own quota, per
+    client and model: ``" on <model>"``); a request must fit every one of them."""
 
     requests: tuple[str, ...] = ()
     tokens: tuple[str, ...] = ()
+    scoped: tuple[tuple[str, Quota], ...] = ()
 
     @property
     def unlimited(self) -> bool:
-        return not self.requests and not self.tokens
+        return not self.requests and not self.tokens and all(quota.unlimited for _, quota in self.scoped)
+
+    def request_limits(self, identity: str) -> list[Limit]:
+        return [(identity, parse_limit(text)) for text in self.requests] + [
+            limit for suffix, quota in self.scoped for limit in quota.request_limits(identity + suffix)
+        ]
+
+    def token_limits(self, identity: str) -> list[Limit]:
+        return [(identity, parse_limit(text)) for text in self.tokens] + [
+            limit for suffix, quota in self.scoped for limit in quota.token_limits(identity + suffix)
+        ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +110,7 @@ class Decision:
     headroom: bool = False
     refused_tokens: bool = False
     reservation: Reservation | None = None
+    refused_for: str = ""  # when refused, the identity the refusing limit counts (a client, or a client on a model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +139,7 @@ class Reserved:
     allowed: bool
     reservation: Reservation | None
     standings: tuple[LimitState, ...]
+    refused_by: int = 0  # when refused, which of the limits refused
 
 
 class TokenLedger(abc.ABC):
@@ -128,12 +147,12 @@ class TokenLedger(abc.ABC):
     overdraws the quota, so a client stays stopped until its window renews."""
 
     @abc.abstractmethod
-    async def reserve(self, identity: str, items: list[RateLimitItem], tokens: int) -> Reserved:
+    async def reserve(self, limits: list[Limit], tokens: int) -> Reserved:
         """Charges ``tokens`` to every quota at once if each has them left (at least
         one token left when ``tokens`` is 0), else charges nothing."""
 
     @abc.abstractmethod
-    async def settle(self, identity: str, items: list[RateLimitItem], used: int, reservation: Reservation | None) -> None:
+    async def settle(self, limits: list[Limit], used: int, reservation: Reservation | None) -> None:
         """Charges what a request used against what it reserved: the unused part goes
         back to the window that held it (if that window still runs), and tokens past
         the reservation are charged to the current window."""
@@ -147,20 +166,20 @@ class LimitsTokenLedger(TokenLedger):
         self._storage = storage
         self._windows = FixedWindowRateLimiter(storage)
 
-    async def reserve(self, identity: str, items: list[RateLimitItem], tokens: int) -> Reserved:
-        for item in items:
+    async def reserve(self, limits: list[Limit], tokens: int) -> Reserved:
+        for number, (identity, item) in enumerate(limits):
             if not await self._windows.test(item, "tokens", identity, cost=max(1, tokens)):
-                return Reserved(False, None, (await _state(self._windows, item, "tokens", identity),))
+                return Reserved(False, None, (await _state(self._windows, item, "tokens", identity),), number)
         ends = []
-        for item in items if tokens else ():
+        for identity, item in limits if tokens else ():
             await self._windows.hit(item, "tokens", identity, cost=tokens)
             ends.append(await self._storage.get_expiry(item.key_for("tokens", identity)))
-        standings = tuple([await _state(self._windows, item, "tokens", identity) for item in items])
+        standings = tuple([await _state(self._windows, item, "tokens", identity) for identity, item in limits])
         return Reserved(True, Reservation(tokens, tuple(ends)) if tokens else None, standings)
 
-    async def settle(self, identity: str, items: list[RateLimitItem], used: int, reservation: Reservation | None) -> None:
+    async def settle(self, limits: list[Limit], used: int, reservation: Reservation | None) -> None:
         reserved = reservation.tokens if reservation else 0
-        for number, item in enumerate(items):
+        for number, (identity, item) in enumerate(limits):
             key = item.key_for("tokens", identity)
             # MemoryStorage keeps a window's end as set when it began: the same window
             # answers the same end.
@@ -227,40 +246,39 @@ class RedisTokenLedger(TokenLedger):
     """Token quotas in Redis, checked and reserved in one script over every window, so
     that ingress replicas racing for the last tokens cannot both take them; the
     reservation names each window by its start, and a refund goes to that window's key
-    while it still exists (and the window still runs). A client's keys share a hash
-    tag (one cluster slot)."""
+    while it still exists (and the window still runs)."""
 
     def __init__(self, uri: str) -> None:
-        import redis.asyncio  # with the `limits[redis]` extra; only a Redis store needs it
+        import redis.asyncio  # only a Redis store needs it
 
         self._client = redis.asyncio.Redis.from_url(uri)
         self._reserve = self._client.register_script(_RESERVE)
         self._settle = self._client.register_script(_SETTLE)
 
     @staticmethod
-    def _prefixes(identity: str, items: list[RateLimitItem]) -> list[str]:
-        return [f"textgen:tokens:{{{identity}}}:{item.amount}/{item.get_expiry()}s:" for item in items]
+    def _prefixes(limits: list[Limit]) -> list[str]:
+        return [f"textgen:tokens:{identity}:{item.amount}/{item.get_expiry()}s:" for identity, item in limits]
 
-    async def reserve(self, identity: str, items: list[RateLimitItem], tokens: int) -> Reserved:
-        windows = [arg for item in items for arg in (item.amount, item.get_expiry())]
-        answer = [int(value) for value in await self._reserve(self._prefixes(identity, items), [tokens, *windows])]
+    async def reserve(self, limits: list[Limit], tokens: int) -> Reserved:
+        windows = [arg for _, item in limits for arg in (item.amount, item.get_expiry())]
+        answer = [int(value) for value in await self._reserve(self._prefixes(limits), [tokens, *windows])]
         now = time.time()
         if answer[0] == 0:
             _, number, used, start = answer
-            item = items[number - 1]
-            return Reserved(False, None, (_standing(item, used, start + item.get_expiry() - now),))
+            item = limits[number - 1][1]
+            return Reserved(False, None, (_standing(item, used, start + item.get_expiry() - now),), number - 1)
         starts, used = answer[1::2], answer[2::2]
         standings = tuple(
             _standing(item, spent, start + item.get_expiry() - now)
-            for item, start, spent in zip(items, starts, used, strict=True)
+            for (_, item), start, spent in zip(limits, starts, used, strict=True)
         )
         return Reserved(True, Reservation(tokens, tuple(starts)) if tokens else None, standings)
 
-    async def settle(self, identity: str, items: list[RateLimitItem], used: int, reservation: Reservation | None) -> None:
-        held = reservation.windows if reservation else (-1,) * len(items)
-        windows = [arg for item, start in zip(items, held, strict=True) for arg in (int(start), item.get_expiry())]
+    async def settle(self, limits: list[Limit], used: int, reservation: Reservation | None) -> None:
+        held = reservation.windows if reservation else (-1,) * len(limits)
+        windows = [arg for (_, item), start in zip(limits, held, strict=True) for arg in (int(start), item.get_expiry())]
         reserved = reservation.tokens if reservation else 0
-        await self._settle(self._prefixes(identity, items), [used, reserved, *windows])
+        await self._settle(self._prefixes(limits), [used, reserved, *windows])
 
 
 class WindowCounter:
@@ -281,19 +299,32 @@ class WindowCounter:
         concurrent requests cannot both take the last tokens; a request that a request
         limit then refuses gives its reservation back."""
         requests = self._strategies[strategy]
-        token_items = [parse_limit(text) for text in quota.tokens] if tokens_needed is not None else []
+        token_limits = quota.token_limits(identity) if tokens_needed is not None else []
         reservation, standings = None, ()
-        if token_items:
-            reserved = await self._ledger.reserve(identity, token_items, tokens_needed or 0)
+        if token_limits:
+            reserved = await self._ledger.reserve(token_limits, tokens_needed or 0)
             if not reserved.allowed:
-                return Decision(False, reserved.standings[0], refused_tokens=True)
+                refused_for = token_limits[reserved.refused_by][0]
+                return Decision(False, reserved.standings[0], refused_tokens=True, refused_for=refused_for)
             reservation, standings = reserved.reservation, reserved.standings
-        for text in quota.requests:
-            item = parse_limit(text)
-            if not await requests.hit(item, "requests", identity):
-                if reservation is not None:
-                    await self._ledger.settle(identity, token_items, 0, reservation)
-                return Decision(False, await _state(requests, item, "requests", identity))
+        request_limits = quota.request_limits(identity)
+        # Tested first, then counted: a request one limit refuses counts against none
+        # (in the actor nothing runs between; on Redis each count is atomic on its own,
+        # so a request that loses a race between them may cost a count it was refused on).
+        refusing = None
+        for held_by, item in request_limits if len(request_limits) > 1 else ():  # one alone: its count is its test
+            if not await requests.test(item, "requests", held_by):
+                refusing = held_by, item
+                break
+        for held_by, item in request_limits if refusing is None else ():
+            if not await requests.hit(item, "requests", held_by):
+                refusing = held_by, item
+                break
+        if refusing is not None:
+            if reservation is not None:
+                await self._ledger.settle(token_limits, 0, reservation)
+            held_by, item = refusing
+            return Decision(False, await _state(requests, item, "requests", held_by), refused_for=held_by)
         tightest = await self._tightest(identity, quota, strategy)
         headroom = tightest is None or far_from_spent(tightest.remaining, tightest.limit)
         headroom = headroom and all(far_from_spent(standing.remaining, standing.limit) for standing in standings)
@@ -306,12 +337,12 @@ class WindowCounter:
         return await self._storage.check()
 
     async def settle_tokens(self, identity: str, quota: Quota, used: int, reservation: Reservation | None) -> None:
-        await self._ledger.settle(identity, [parse_limit(text) for text in quota.tokens], used, reservation)
+        await self._ledger.settle(quota.token_limits(identity), used, reservation)
 
     async def _tightest(self, identity: str, quota: Quota, strategy: str) -> LimitState | None:
         states = [
-            await _state(self._strategies[strategy], parse_limit(text), "requests", identity)
-            for text in quota.requests
+            await _state(self._strategies[strategy], item, "requests", held_by)
+            for held_by, item in quota.request_limits(identity)
         ]
         return min(states, key=lambda s: (s.remaining / s.limit, -s.reset_after_s), default=None)
 
@@ -526,7 +557,7 @@ class RateLimiter:
         requests that count nothing costs the store one call a second per client).
         None while the store is failing: admit() already waited for it on this
         request, and its next call finds out when it is back."""
-        if not quota.requests or self._failing:
+        if not quota.request_limits("") or self._failing:
             return None
         recent = self.last_standing(identity, self.HEADROOM_TTL_S)
         if recent is not None:
@@ -559,7 +590,7 @@ class RateLimiter:
     def settle_tokens(self, identity: str, quota: Quota, used: int, reservation: Reservation | None) -> None:
         """Settles a finished request's tokens against its reservation, off the
         request's path (a task of its own: it survives a cancelled caller)."""
-        if not quota.tokens or (used <= 0 and reservation is None):
+        if not quota.token_limits("") or (used <= 0 and reservation is None):
             return
         task = asyncio.get_running_loop().create_task(
             self._call(self._backend.settle_tokens(identity, quota, used, reservation))

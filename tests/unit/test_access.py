@@ -11,7 +11,7 @@ from deployments.config import ModelConfig
 from deployments.settings import Settings
 from serve_app.access import AccessControl, build_access_control, client_address
 from serve_app.errors import route_path
-from serve_app.args import AuthArgs, RateLimitArgs
+from serve_app.args import AuthArgs, IngressArgs, RateLimitArgs
 from serve_app.auth import ApiKeyConfigError, ApiKeys, parse_key_entries, presented_key
 from serve_app.ingress import Ingress, create_api
 from serve_app.rate_limit import LimitState, Quota, RateLimiter, StorageBackend
@@ -406,6 +406,60 @@ def test_a_client_may_have_only_so_many_requests_in_flight():
     assert access._in_flight == {}
 
 
+def test_a_body_that_trickles_in_holds_its_clients_slot_and_the_replicas_from_the_first_byte():
+    """Until its body is read a request counted in neither, so one client could hold
+    every slot of a replica by sending bodies slowly."""
+    engine = FakeEngine(ModelConfig(name="fake", source=fake_source()), "cpu")
+    ingress = Ingress({"fake": FakeModelHandle(engine)}, RateLimitArgs(), AuthArgs(),
+                      limits=IngressArgs(max_ongoing_requests=2, body_read_timeout_s=30))
+    access = AccessControl(None, Quota(), max_concurrent_per_client=1)
+    app = create_api(ingress, access)
+    body = b'{"prompt": "a", "max_new_tokens": 1}'
+
+    async def request(client_address: str, receive) -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": "/generate", "raw_path": b"/generate",
+                 "root_path": "", "scheme": "http", "query_string": b"", "server": ("test", 80),
+                 "client": (client_address, 1234),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        await app(scope, receive, send)
+        return sent
+
+    async def whole_body():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def scenario():
+        arrive = asyncio.Event()
+
+        def trickling(reading: asyncio.Event):
+            async def receive():
+                reading.set()
+                await arrive.wait()
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            return receive
+
+        reading = [asyncio.Event(), asyncio.Event()]
+        slow = asyncio.ensure_future(request("198.51.100.7", trickling(reading[0])))
+        await reading[0].wait()  # its body is being read: nothing has reached the route yet
+        same_client = await request("198.51.100.7", whole_body)
+        other = asyncio.ensure_future(request("198.51.100.8", trickling(reading[1])))
+        await reading[1].wait()
+        third = await request("198.51.100.9", whole_body)  # 2 of 2 replica slots held by bodies
+        arrive.set()
+        return same_client, third, await slow, await other
+
+    same_client, third, slow, other = asyncio.run(scenario())
+    assert same_client[0]["status"] == 429 and b"1 requests in flight" in same_client[1]["body"]
+    assert third[0]["status"] == 503 and b"at capacity" in third[1]["body"]
+    assert slow[0]["status"] == other[0]["status"] == 200
+    assert access._in_flight == {}
+
+
 def test_tokenizing_counts_as_a_request_but_never_against_a_token_quota():
     access = AccessControl(memory_limiter(), Quota(requests=("4/minute",), tokens=("30/minute",)))
     with make_client(access) as client:
@@ -422,17 +476,26 @@ def test_tokenizing_counts_as_a_request_but_never_against_a_token_quota():
         assert "rate limit of 4 requests per minute" in counted[-1].json()["error"]["message"]
 
 
-def test_a_model_or_adapter_with_a_quota_of_its_own_counts_apart_per_client():
-    access = AccessControl(memory_limiter(), Quota(requests=("3/minute",)),
-                           model_quotas={"fake:terse": Quota(requests=("2/minute",))})
+def test_a_model_or_adapter_quota_applies_as_well_as_the_clients_own():
+    """A request to an adapter with a quota of its own must fit both that quota (kept
+    per client and adapter) and the client's: a restricted client gets no more through
+    a generous adapter, and a refusal by one counts against neither."""
+    access = AccessControl(memory_limiter(), Quota(requests=("3/minute",), tokens=("200/minute",)),
+                           model_quotas={"fake:terse": Quota(requests=("2/minute",), tokens=("1000/minute",)),
+                                         "fake:chatty": Quota(requests=("100/minute",))})
     engine = FakeEngine(ModelConfig(name="fake", source=fake_source()), "cpu")
-    ingress = Ingress({"fake": FakeModelHandle(engine)}, RateLimitArgs(), AuthArgs(), adapters={"fake": ("terse",)})
+    ingress = Ingress({"fake": FakeModelHandle(engine)}, RateLimitArgs(), AuthArgs(),
+                      adapters={"fake": ("terse", "chatty")})
     with TestClient(create_api(ingress, access), raise_server_exceptions=False) as client:
-        def send(model: str) -> int:
-            return client.post("/generate", json={"prompt": "a", "max_new_tokens": 1, "model": model}).status_code
+        def send(model: str):
+            return client.post("/generate", json={"prompt": "a", "max_new_tokens": 1, "model": model})
 
-        assert [send("fake:terse") for _ in range(3)] == [200, 200, 429], "the adapter's own quota"
-        assert [send("fake") for _ in range(4)] == [200, 200, 200, 429], "the client's quota, untouched by it"
-        refused = client.post("/generate", json={"prompt": "a", "model": "terse"})
-        assert refused.status_code == 429 and "on fake:terse" in refused.json()["error"]["message"]
-        assert refused.headers["X-RateLimit-Limit"] == "2"
+        terse = [send("fake:terse") for _ in range(3)]
+        assert [r.status_code for r in terse] == [200, 200, 429], "the adapter's own quota"
+        assert "on fake:terse" in terse[-1].json()["error"]["message"]
+        assert terse[-1].headers["X-RateLimit-Limit"] == "2"
+        chatty = [send("fake:chatty") for _ in range(2)]
+        assert [r.status_code for r in chatty] == [200, 429], "the client's 3 a minute hold through any adapter"
+        message = chatty[-1].json()["error"]["message"]
+        assert "rate limit of 3 requests per minute exceeded for ip:testclient;" in message
+        assert send("fake").status_code == 429, "the adapter's refusal above counted nothing, its admissions did"
