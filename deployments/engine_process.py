@@ -14,7 +14,7 @@ The two processes talk over a socket pair (multiprocessing Connections, pickled 
     replica -> engine: ("start", config, device)   ("add", key, fields)   ("cancel", key)   ("stop",)
     engine -> replica: ("ready", status, frontend_state) | ("load_failed", exception)
                        ("steps", key, deltas | exception | END, batch_started_at)
-                       ("metric", name, args)   ("health", problem or None)
+                       ("metric", name, args)   ("health", problem or None), every second
 
 The engine process exits when the replica closes its end or dies (end of file).
 """
@@ -43,8 +43,11 @@ from deployments.protocol import EngineExitedError, GenerationParams, ModelStatu
 
 logger = logging.getLogger("ray.serve")
 
-# How often the engine process runs its engine's health check and reports a change.
+# How often the engine process runs its engine's health check and reports it (a
+# heartbeat as well: the replica counts it unhealthy once it has heard nothing for
+# HEARTBEAT_DEADLINE_S, as from a frozen or stopped process).
 HEALTH_CHECK_INTERVAL_S = 1.0
+HEARTBEAT_DEADLINE_S = 15.0
 # How long `close` waits for the engine process to exit before killing it.
 EXIT_TIMEOUT_S = 10.0
 _END = "end"  # a request's steps ended before every sequence finished (it was dropped)
@@ -138,6 +141,7 @@ class EngineProcess(Engine):
         self._keys = itertools.count()
         self._status: ModelStatus | None = None
         self._problem: str | None = None  # why the engine cannot serve, as last reported
+        self._heard_at = time.monotonic()  # when the engine process last sent anything
         self._closing = False
 
     def load(self) -> None:
@@ -155,6 +159,7 @@ class EngineProcess(Engine):
         try:
             self._sender.send(("start", self.config, self.device))
             self._status, frontend_state = self._wait_until_loaded()
+            self._heard_at = time.monotonic()
             self._frontend.load_frontend(frontend_state)
         except BaseException:
             self.close()
@@ -234,6 +239,12 @@ class EngineProcess(Engine):
         self._raise_if_exited()
         if self._problem is not None:
             raise RuntimeError(self._problem)
+        silent_s = time.monotonic() - self._heard_at
+        if silent_s > HEARTBEAT_DEADLINE_S:
+            raise RuntimeError(
+                f"the engine process (pid {self._process.pid}) has sent nothing for {silent_s:.0f} s: "
+                "frozen or stopped"
+            )
 
     def _raise_if_exited(self) -> None:
         code = self._process.poll()
@@ -271,6 +282,7 @@ class EngineProcess(Engine):
                 message = self._connection.recv()
             except (EOFError, OSError):
                 break
+            self._heard_at = time.monotonic()
             kind = message[0]
             if kind == "steps":
                 _, key, item, batch_started_at = message
@@ -354,16 +366,15 @@ class _EngineHost:
             self._tasks.pop(key, None)
 
     async def _report_health(self) -> None:
-        reported = None
+        """Sends the engine's health every HEALTH_CHECK_INTERVAL_S, a change or not: it
+        is the heartbeat too."""
         while True:
             try:
                 self._engine.check_health()
                 problem = None
             except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
                 problem = str(exc) or type(exc).__name__
-            if problem != reported:
-                self._sender.send(("health", problem))
-                reported = problem
+            self._sender.send(("health", problem))
             await asyncio.sleep(HEALTH_CHECK_INTERVAL_S)
 
 

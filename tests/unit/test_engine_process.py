@@ -198,6 +198,40 @@ def test_the_replica_hears_of_the_engine_process_death_before_its_requests_do():
         engine.close()
 
 
+def test_an_engine_process_that_stops_answering_fails_health_until_it_answers_again(monkeypatch):
+    """Frozen (here stopped with SIGSTOP), it sends no heartbeat: the replica's health
+    check fails, so Serve replaces the replica, rather than trusting its last report."""
+    from deployments import engine_process as module
+
+    monkeypatch.setattr(module, "HEARTBEAT_DEADLINE_S", 2.0)
+    engine = fake_engine()
+    engine.load()
+
+    def health_problem() -> str | None:
+        try:
+            engine.check_health()
+        except RuntimeError as exc:
+            return str(exc)
+        return None
+
+    def wait_for(condition, timeout_s: float = 20.0):
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, "no change within 20 s"
+            time.sleep(0.1)
+
+    try:
+        assert health_problem() is None
+        os.kill(engine._process.pid, signal.SIGSTOP)
+        wait_for(lambda: health_problem() is not None)
+        assert "has sent nothing for" in health_problem() and "frozen or stopped" in health_problem()
+        os.kill(engine._process.pid, signal.SIGCONT)
+        wait_for(lambda: health_problem() is None)
+    finally:
+        os.kill(engine._process.pid, signal.SIGCONT)
+        engine.close()
+
+
 def test_close_stops_the_engine_process():
     engine = fake_engine()
     engine.load()
