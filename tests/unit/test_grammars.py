@@ -3,8 +3,10 @@ whatever a random model samples, a constrained sequence's text matches its schem
 expression; constrained and free rows share a batch on both KV caches; a schema that
 cannot be enforced is refused before generation, naming the field and the reason."""
 
+import asyncio
 import json
 import re
+import threading
 from typing import Annotated, Literal
 
 import pytest
@@ -128,6 +130,26 @@ def test_each_schema_is_compiled_once(tiny_engine):
     first = grammars._template(constraint)
     assert grammars._template(constraint) is first
     assert grammars.matcher(constraint) is not grammars.matcher(constraint), "each row gets its own matcher"
+
+
+def test_a_schema_is_compiled_off_the_scheduler_thread(tiny_engine, monkeypatch):
+    """The engine process gets requests `prepare`d in the replica, its own cache cold:
+    the compile must not run on the thread that steps every row."""
+    grammars: Grammars = tiny_engine._grammars
+    constraint = OutputConstraint("json_schema", json.dumps({"type": "array", "maxItems": 3}), "json_schema")
+    prepared = tiny_engine.prepare(GenerationParams(prompt="List:", max_new_tokens=5, constraint=constraint))
+    grammars._compiled.pop(constraint)  # as in the engine process: compiled in the replica only
+    compiled_on = []
+    compile_once = grammars._compile
+    monkeypatch.setattr(grammars, "_compile", lambda c: (compiled_on.append(threading.current_thread().name),
+                                                          compile_once(c))[1])
+
+    async def generate():
+        async for _ in tiny_engine.generate(prepared):
+            pass
+
+    asyncio.run(generate())
+    assert compiled_on and "textgen-scheduler" not in compiled_on
 
 
 def test_the_mask_keeps_exactly_the_allowed_tokens():
