@@ -326,3 +326,16 @@ class EngineExitedError(RuntimeError):
 
     def __str__(self) -> str:
         return f"the engine process exited with code {self.code}"
+
+
+class AdapterLoadError(RuntimeError):
+    """A LoRA adapter's weights could not be loaded into the model. Only the request
+    that needed it fails (a 500 naming the adapter); the batch goes on, and the adapter
+    it would have replaced still serves."""
+
+    def __init__(self, adapter: str, reason: str) -> None:
+        super().__init__(adapter, reason)
+        self.adapter, self.reason = adapter, reason
+
+    def __str__(self) -> str:
+        return f"adapter {self.adapter} could not be loaded: {self.reason}"

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
-from deployments.protocol import InvalidRequestError
+from deployments.protocol import AdapterLoadError, InvalidRequestError
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -163,6 +163,12 @@ def _required_fields(scope: Scope) -> list[str]:
     return list(getattr(model, "BODY_NEEDS", ())) or [name for name, field in fields.items() if field.is_required()]
 
 
+def adapter_failure(exc: AdapterLoadError) -> str:
+    """What the client is told: the model replica's own words (across the handle the
+    error is Ray's wrapper, which holds it as ``cause``)."""
+    return str(getattr(exc, "cause", None) or exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Registers the handlers (unexpected exceptions are masked by RequestContextMiddleware)."""
 
@@ -179,6 +185,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequestError)
     async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
         return error_response(422, exc.message, exc.param, openai=speaks_openai(request.scope))
+
+    @app.exception_handler(AdapterLoadError)
+    async def _adapter(request: Request, exc: AdapterLoadError) -> JSONResponse:
+        return error_response(500, adapter_failure(exc), "model", openai=speaks_openai(request.scope))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -21,10 +21,10 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.protocol import (
-    EngineExitedError, GenerationParams, GenerationResult, InvalidRequestError, SequenceDelta, StreamStart,
+    AdapterLoadError, EngineExitedError, GenerationParams, GenerationResult, InvalidRequestError, SequenceDelta, StreamStart,
 )
 from serve_app.access import AccessControl, cancel_quietly
-from serve_app.errors import ServiceError, error_body
+from serve_app.errors import ServiceError, adapter_failure, error_body
 from serve_app.schemas import Usage, usage_of
 
 logger = logging.getLogger("ray.serve")
@@ -234,6 +234,8 @@ async def relay(
     except TimeoutError:
         message = f"no answer within {request.state.timeout_s:g} s; the generation was stopped"
         yield sse(error_body(504, message, openai=openai))
+    except AdapterLoadError as exc:
+        yield sse(error_body(500, adapter_failure(exc), "model", openai=openai))
     except Exception:  # noqa: BLE001 - the status line is sent; report in-band
         request_id = request.state.request_id
         logger.exception("request_id=%s stream failed", request_id)

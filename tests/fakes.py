@@ -18,6 +18,7 @@ from deployments.config import ModelConfig
 from deployments.engine import Engine, PreparedRequest, prepare_request
 from deployments.model_server import collect_result
 from deployments.protocol import (
+    AdapterLoadError,
     GenerationParams,
     InvalidRequestError,
     ModelStatus,
@@ -41,7 +42,8 @@ def fake_source(
 ) -> str:
     """A `source` for FakeEngine: it sleeps ``load_s`` seconds in load() and ``step_s``
     per generated character; ``broken`` makes its health check and status fail;
-    ``failing`` makes a prompt starting with "fail" raise FakeDecodeError after a step;
+    ``failing`` makes a prompt starting with "fail" raise FakeDecodeError after a step,
+    and one starting with "!" raise AdapterLoadError before any;
     ``rows`` > 0 lets at most that many sequences generate at once, the others wait for
     a row (a GPU replica's batch, whose step time hardly depends on its size);
     ``prepare_s`` blocks prepare() that long (a slow tokenizer or chat template)."""
@@ -157,6 +159,8 @@ class FakeEngine(Engine):
                 return
             if step == 1 and self._failing and chr(request.prompt_token_ids[0]) == "f":
                 raise FakeDecodeError(f"fake decode failure in request {request.request_id}")
+            if step == 0 and self._failing and chr(request.prompt_token_ids[0]) == "!":
+                raise AdapterLoadError("broken", "its weights could not be read")
             out: list[SequenceDelta] = []
             for index, text, planned in rows:
                 if index in finished:

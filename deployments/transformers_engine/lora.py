@@ -22,7 +22,10 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
+
+from deployments.protocol import AdapterLoadError
 
 logger = logging.getLogger("ray.serve")
 
@@ -159,6 +162,9 @@ class Adapters:
                     self._layers[f"{path}.{name}" if path else name] = wrapped
         if not self._layers:
             raise ValueError(f"no linear layer of the model is named in the adapters' target_modules: {sorted(targets)}")
+        for name in self._folders:  # at start: a replica with a bad adapter never serves
+            with safe_open(str(self._weights_file(name)), "pt") as weights:
+                self._pairs(name, {key: weights.get_slice(key).get_shape() for key in weights.keys()})
         # name -> slot, least recently used first; only the scheduler thread changes it.
         self._loaded: collections.OrderedDict[str, int] = collections.OrderedDict()
 
@@ -174,44 +180,83 @@ class Adapters:
     def slot_for(self, name: str, in_use: set[str]) -> int | None:
         """The slot holding adapter ``name``, loaded into a free slot (or the least
         recently used one whose adapter no row in ``in_use`` needs) if it is not held;
-        None when every slot holds an adapter in use (the request must wait)."""
+        None when every slot holds an adapter in use (the request must wait).
+
+        Raises:
+            AdapterLoadError: its weights could not be read, or do not fit the model;
+                every slot is then as it was (the adapter that would have been replaced
+                still serves).
+        """
         slot = self._loaded.get(name)
         if slot is None:
             free = self._free_slot(in_use)
             if free is None:
                 return None
             slot, replaced = free
-            self._load(name, slot)
+            try:
+                pairs = self._read(name)
+            except Exception as exc:  # noqa: BLE001 - whatever failed, only this adapter's requests fail
+                raise AdapterLoadError(name, str(exc) or type(exc).__name__) from None
+            if replaced is not None:
+                del self._loaded[replaced]  # its slot is written over now
+            try:
+                for path, layer in self._layers.items():
+                    layer.put(slot, *pairs.get(path, (None, None)))
+            except Exception as exc:  # noqa: BLE001 - half written, the slot is free again
+                raise AdapterLoadError(name, str(exc) or type(exc).__name__) from None
             self._loaded[name] = slot
             logger.info("adapter %s loaded into slot %d%s", name, slot, f", replacing {replaced}" if replaced else "")
         self._loaded.move_to_end(name)
         return slot
 
     def _free_slot(self, in_use: set[str]) -> tuple[int, str | None] | None:
-        """A slot for another adapter, and the adapter it held (None if it was free)."""
+        """A slot for another adapter, and the adapter it holds (None if it is free)."""
         taken = set(self._loaded.values())
         for slot in range(1, self.slots + 1):
             if slot not in taken:
                 return slot, None
         for name, slot in self._loaded.items():  # least recently used first
             if name not in in_use:
-                del self._loaded[name]  # its slot is overwritten by the next adapter
                 return slot, name
         return None
 
-    def _load(self, name: str, slot: int) -> None:
-        config = self._configs[name]
-        weights = load_file(str(self._folders[name] / "adapter_model.safetensors"))
-        pairs: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
-        for key, tensor in weights.items():
+    def _weights_file(self, name: str) -> Path:
+        return self._folders[name] / "adapter_model.safetensors"
+
+    def _read(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Adapter ``name``'s ``(A, B)`` per layer path, ``B`` scaled, checked against the
+        model."""
+        weights = load_file(str(self._weights_file(name)))
+        pairs = self._pairs(name, {key: tuple(tensor.shape) for key, tensor in weights.items()})
+        scale = self._configs[name].scale
+        return {path: (weights[a], weights[b] * scale) for path, (a, b) in pairs.items()}
+
+    def _pairs(self, name: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, str]]:
+        """The keys of each layer's ``A`` and ``B`` in an adapter's weights, once their
+        ``shapes`` are checked against the model's layers and the adapter's rank.
+
+        Raises:
+            ValueError: naming the adapter and what does not fit.
+        """
+        keys: dict[str, dict[str, str]] = collections.defaultdict(dict)
+        for key in shapes:
             path, _, kind = key.removeprefix(_KEY_PREFIX).rpartition(".lora_")
-            pairs[path][kind.removesuffix(".weight")] = tensor
-        unknown = set(pairs) - set(self._layers)
+            keys[path][kind.removesuffix(".weight")] = key
+        unknown = set(keys) - set(self._layers)
         if unknown:
             raise ValueError(f"adapter {name} has weights for layers this model lacks: {sorted(unknown)[:3]}")
-        for path, layer in self._layers.items():
-            pair = pairs.get(path)
-            if pair is None:
-                layer.put(slot, None, None)
-            else:
-                layer.put(slot, pair["A"], pair["B"] * config.scale)
+        rank = self._configs[name].rank
+        pairs = {}
+        for path, kinds in keys.items():
+            if set(kinds) != {"A", "B"}:
+                raise ValueError(f"adapter {name}: layer {path} needs lora_A and lora_B, has {sorted(kinds)}")
+            layer = self._layers[path].base
+            expected = {"A": (rank, layer.in_features), "B": (layer.out_features, rank)}
+            for kind, shape in expected.items():
+                if tuple(shapes[kinds[kind]]) != shape:
+                    raise ValueError(
+                        f"adapter {name}: {kinds[kind]} is {list(shapes[kinds[kind]])}, the model needs {list(shape)} "
+                        f"(rank {rank})"
+                    )
+            pairs[path] = (kinds["A"], kinds["B"])
+        return pairs

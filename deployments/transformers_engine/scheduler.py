@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from deployments.engine import END_OF_STEPS, PreparedRequest, merge_steps
-from deployments.protocol import SequenceDelta
+from deployments.protocol import AdapterLoadError, SequenceDelta
 from deployments import metrics
 from deployments.transformers_engine import kv_cache
 from deployments.transformers_engine.decoding import Decoding, LoadedModel, Prefilled
@@ -303,7 +303,12 @@ class Scheduler:
                 break
             if request.adapter is not None:
                 in_use = {row.admission.request.adapter for row in self._decoding.rows() if not row.finished}
-                slot = self._slot_for(request.adapter, in_use | {a.request.adapter for a in admitted})
+                try:
+                    slot = self._slot_for(request.adapter, in_use | {a.request.adapter for a in admitted})
+                except AdapterLoadError as exc:  # this request's fault alone: the others go on
+                    logger.error("request_id=%s: %s", request.request_id, exc)
+                    waiting.popleft().deliver(exc)
+                    continue
                 if slot is None:
                     break
                 waiting[0].adapter_slot = slot

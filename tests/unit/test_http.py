@@ -382,6 +382,20 @@ def test_a_client_error_is_one_info_line_with_its_id_and_reason(client, caplog):
     assert "error=" not in record.getMessage()
 
 
+def test_an_adapter_that_failed_to_load_is_a_500_naming_it_plain_and_streamed():
+    engine = FakeEngine(ModelConfig(name="fake", source=fake_source(failing=True)), "cpu")
+    engine.load()
+    ingress = make_ingress({"fake": FakeModelHandle(engine)})
+    with TestClient(create_api(ingress, NO_LIMITS), raise_server_exceptions=False) as client:
+        plain = client.post("/generate", json={"prompt": "!a", "max_new_tokens": 2})
+        assert plain.status_code == 500 and plain.json()["error"]["param"] == "model"
+        assert plain.json()["error"]["message"] == "adapter broken could not be loaded: its weights could not be read"
+        streamed = client.post("/v1/completions", json={"model": "fake", "prompt": "!a", "max_tokens": 2, "stream": True})
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+        assert events[-1]["error"]["message"].startswith("adapter broken could not be loaded")
+        assert streamed.text.rstrip().endswith("data: [DONE]")
+
+
 def test_a_path_cannot_forge_a_log_line(client, caplog):
     caplog.set_level(logging.INFO, logger="ray.serve")
     response = client.get("/x%0Drequest_id=forged%0Amethod=GET%20path=/generate", headers={"X-Request-ID": "forger"})

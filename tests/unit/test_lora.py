@@ -3,13 +3,15 @@ adapters made with PEFT (so their outputs differ from the base model's), each re
 greedy tokens equal to a PEFT model that has only its adapter, also when rows of several
 adapters and none share a batch, on both KV caches; a cap of one adapter held at a time."""
 
+import asyncio
 import json
+import shutil
 
 import pytest
 import torch
 
 from deployments.config import ModelConfig
-from deployments.protocol import GenerationParams, InvalidRequestError
+from deployments.protocol import AdapterLoadError, GenerationParams, InvalidRequestError
 from deployments.transformers_engine import TransformersEngine
 from deployments.transformers_engine.lora import AdapterConfig
 from tests.unit.test_transformers_engine import run
@@ -111,6 +113,57 @@ def test_an_unknown_adapter_is_refused_naming_the_known_ones(tiny_model_dir, ada
     finally:
         engine.close()
     assert caught.value.param == "model" and "'nope'" in caught.value.message and "terse, chatty" in caught.value.message
+
+
+def copied(adapter_dir, folder):
+    shutil.copytree(adapter_dir, folder)
+    return folder
+
+
+def test_an_adapter_whose_weights_do_not_fit_the_model_refuses_to_start_naming_it(tiny_model_dir, adapter_dirs,
+                                                                                   tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copied(adapter_dirs["terse"], tmp_path / "misshapen")
+    weights = load_file(folder / "adapter_model.safetensors")
+    key = next(key for key in weights if "lora_A" in key)
+    weights[key] = weights[key][:3]  # rank 3 where its config says 4
+    save_file(weights, folder / "adapter_model.safetensors")
+    with pytest.raises(ValueError) as caught:
+        load(tiny_model_dir, {"terse": adapter_dirs["terse"], "misshapen": folder}, "dynamic")
+    assert "adapter misshapen" in str(caught.value) and key in str(caught.value) and "[3, " in str(caught.value)
+
+
+def test_an_adapter_that_fails_to_load_fails_only_its_own_request(tiny_model_dir, adapter_dirs, tmp_path):
+    """Its weights went bad after start (here: overwritten). With one slot, loading it
+    would have replaced terse: terse still serves, the base model's row in the same
+    batch finishes, and only the request for it fails, naming it."""
+    broken = copied(adapter_dirs["chatty"], tmp_path / "broken")
+    engine = load(tiny_model_dir, {"terse": adapter_dirs["terse"], "broken": broken}, "dynamic", max_adapters=1)
+    try:
+        [warm] = run(engine, GenerationParams(prompt=PROMPTS[0], max_new_tokens=NEW_TOKENS, temperature=0, adapter="terse"))
+        (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+
+        async def one(params):
+            texts = []
+            async for deltas in engine.generate(engine.prepare(params)):
+                texts += [delta.text for delta in deltas]
+            return "".join(texts)
+
+        async def together():
+            return await asyncio.gather(*(one(params) for params in (
+                GenerationParams(prompt=PROMPTS[1], max_new_tokens=NEW_TOKENS, temperature=0),
+                GenerationParams(prompt=PROMPTS[0], max_new_tokens=NEW_TOKENS, temperature=0, adapter="broken"),
+                GenerationParams(prompt=PROMPTS[0], max_new_tokens=NEW_TOKENS, temperature=0, adapter="terse"),
+            )), return_exceptions=True)
+
+        base, failed, terse = asyncio.run(together())
+        assert engine._adapters.loaded == ["terse"] and engine._scheduler.broken is None
+    finally:
+        engine.close()
+    assert isinstance(failed, AdapterLoadError) and str(failed).startswith("adapter broken could not be loaded: ")
+    assert base == peft_greedy(tiny_model_dir, None, PROMPTS[1])
+    assert terse == warm[0][0] == peft_greedy(tiny_model_dir, adapter_dirs["terse"], PROMPTS[0])
 
 
 def test_adapters_that_are_not_plain_lora_are_refused_with_the_reason(tiny_model_dir, tmp_path):
