@@ -25,6 +25,7 @@ class Admission:
         self.deliver = deliver
         self.adapter_slot = 0  # its LoRA adapter's slot once admitted (0: the base model)
         self.prefix = NO_PREFIX  # what the prefix cache has of its prompt, once looked up
+        self.alone = False  # its group's prefill failed: it is prefilled alone, to see whether it is the cause
 
 
 class Row:

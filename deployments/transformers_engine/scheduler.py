@@ -217,34 +217,61 @@ class Scheduler:
             else:
                 self._collect_arrivals(waiting, wait_s=0)
             self.iteration_started = time.monotonic()
+            prefill_failed = False
             try:
                 if not prefills:
                     prefills.extend(self._start_prefills(self._take_admissions(waiting)))
                 if prefills:
-                    prefilled = self._prefill_chunk(prefills[0], whole=not decoding.busy)
-                    if prefills[0].finished:
-                        if prefilled is not None:  # None: every row ended at its prompt
-                            decoding.join(prefilled)
-                        prefills.popleft()  # only now: a failed join fails its requests too
+                    try:
+                        prefilled = self._prefill_chunk(prefills[0], whole=not decoding.busy)
+                    except Exception as exc:  # noqa: BLE001 - the running batch is untouched: isolate
+                        prefill_failed = True
+                        self._note_failure(exc)
+                        self._isolate(prefills.popleft(), exc, waiting)
+                    else:
+                        if prefills[0].finished:
+                            if prefilled is not None:  # None: every row ended at its prompt
+                                decoding.join(prefilled)
+                            prefills.popleft()  # only now: a failed join fails its requests too
                 decoding.step()
-                self._failures_in_a_row = 0
+                if not prefill_failed:
+                    self._failures_in_a_row = 0
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving others
                 failed = self._admissions_in(prefills)
                 logger.exception("decode step failed; failing its %d request(s)", len(failed))
                 decoding.clear()
                 prefills.clear()
-                self._failures_in_a_row += 1
-                if self._failures_in_a_row >= BROKEN_AFTER_FAILURES and self.broken is None:
-                    # One bad batch (a request too large for memory) is survivable; every
-                    # step failing (a CUDA error, a corrupted state) is not. Set before
-                    # the requests hear of it: the next health check must see it.
-                    self.broken = f"{self._failures_in_a_row} decode steps in a row failed, the last with {exc!r}"
-                    logger.error("engine broken: %s; the health check now fails", self.broken)
+                self._note_failure(exc)
                 for admission in failed:
                     admission.deliver(exc)
         closed = RuntimeError("the engine was closed")
         for admission in [*self._admissions_in(prefills), *waiting]:
             admission.deliver(closed)
+
+    def _note_failure(self, exc: Exception) -> None:
+        """One bad batch (a request too large for memory) is survivable; every step
+        failing (a CUDA error, a corrupted state) is not. Called before the requests
+        hear of it: the next health check must see a broken engine."""
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row >= BROKEN_AFTER_FAILURES and self.broken is None:
+            self.broken = f"{self._failures_in_a_row} steps in a row failed, the last with {exc!r}"
+            logger.error("engine broken: %s; the health check now fails", self.broken)
+
+    def _isolate(self, prefill: _Prefill, exc: Exception, waiting: deque[Admission]) -> None:
+        """A prefill failed; its forward pass touched only its own cache, so the running
+        batch goes on. A request that failed alone gets the error; the requests of a
+        group go back to the head of the queue, each to be prefilled alone, so that only
+        those that fail again hear of it (a prompt too large for memory, an input that
+        trips a kernel)."""
+        if len(prefill.admitted) == 1:
+            [admission] = prefill.admitted
+            logger.error("request_id=%s: its prefill failed alone: %r", admission.request.request_id, exc)
+            admission.deliver(exc)
+            return
+        logger.warning("a prefill of %d requests failed (%r); each is retried alone", len(prefill.admitted), exc)
+        for admission in reversed(prefill.admitted):
+            admission.alone = True
+            waiting.appendleft(admission)
 
     def _record_gauges(self) -> None:
         now = time.monotonic()
@@ -291,6 +318,8 @@ class Scheduler:
             if request.cancelled.is_set():
                 waiting.popleft().deliver(END_OF_STEPS)
                 continue
+            if waiting[0].alone and admitted:  # a suspect of a failed prefill: a wave of its own
+                break
             waiting[0].prefix = self._cached_prefix(request)
             next_block = waiting[0].prefix.next_block
             if next_block is not None and next_block in computed_in_wave:
@@ -313,6 +342,8 @@ class Scheduler:
                     break
                 waiting[0].adapter_slot = slot
             admitted.append(waiting.popleft())
+            if admitted[-1].alone:
+                break
             free -= request.num_return_sequences
             prefill_tokens += uncached
             if next_block is not None:

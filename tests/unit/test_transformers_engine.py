@@ -1,13 +1,14 @@
 """The transformers engine on a tiny random model: lengths, stops, seeds, batching."""
 
 import asyncio
-import time
 import json
+import logging
+import time
 
 import pytest
 
 from deployments.config import ModelConfig
-from deployments.protocol import ChatMessage, GenerationParams, InvalidRequestError
+from deployments.protocol import ChatMessage, GenerationParams, InvalidRequestError, TokenizeParams
 from deployments.transformers_engine import TransformersEngine
 from deployments.transformers_engine.rows import Admission
 from deployments.transformers_engine.scheduler import Outbox
@@ -374,7 +375,7 @@ def test_an_engine_whose_steps_keep_failing_reports_itself_broken(tiny_model_dir
     for attempt in range(3):
         with pytest.raises(RuntimeError, match="illegal memory access"):
             run(engine, greedy(f"attempt {attempt}", max_new_tokens=4))
-    with pytest.raises(RuntimeError, match="engine broken: 3 decode steps in a row failed"):
+    with pytest.raises(RuntimeError, match="engine broken: 3 steps in a row failed"):
         engine.check_health()
     with pytest.raises(RuntimeError, match="engine broken"):
         engine.status()
@@ -398,6 +399,58 @@ def test_one_failing_batch_does_not_break_the_engine(tiny_model_dir):
     [result] = run(engine, greedy("second", max_new_tokens=4))
     assert result[0][1] == "length"
     engine.check_health()
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "slots"])
+def test_a_request_whose_prefill_fails_fails_alone(tiny_model_dir, kv_cache, caplog):
+    """A prompt that trips the model (here: a poisoned token id raises in prefill) fails
+    its request only: the requests prefilled in its group are retried one by one and
+    finish as they would alone, and the batch already decoding goes on untouched."""
+    serve_logger = logging.getLogger("ray.serve")  # Ray may have stopped it propagating to the root
+    serve_logger.addHandler(caplog.handler)
+    engine = TransformersEngine(
+        ModelConfig(source=str(tiny_model_dir), dtype="float32", kv_cache=kv_cache, stream_interval_s=0), "cpu"
+    )
+    engine.load()
+    poison = engine.tokenize(TokenizeParams(prompt=" zebra", add_special_tokens=False))[-1]
+    real_forward = engine._model.forward
+
+    def tripping_forward(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1 and bool((ids == poison).any()):  # a prefill holding it
+            raise RuntimeError("the kernel tripped")
+        return real_forward(*args, **kwargs)
+
+    prompts = ["Once upon a time", "A zebra walked in", "The weather today"]
+    alone = {prompt: run(engine, greedy(prompt, max_new_tokens=6))[0][0][0] for prompt in (prompts[0], prompts[2])}
+    long_alone = run(engine, greedy("Numbers:", max_new_tokens=30))[0][0][0]
+    engine._model.forward = tripping_forward
+    try:
+        async def together():
+            decoding = asyncio.Event()
+
+            async def text_of(params):
+                texts = []
+                async for deltas in engine.generate(engine.prepare(params)):
+                    texts += [delta.text for delta in deltas]
+                    decoding.set()
+                return "".join(texts)
+
+            running = asyncio.ensure_future(text_of(greedy("Numbers:", max_new_tokens=30)))
+            await decoding.wait()  # it is in the batch before the wave comes
+            wave = await asyncio.gather(*(text_of(greedy(p, max_new_tokens=6)) for p in prompts),
+                                        return_exceptions=True)
+            return await running, wave
+
+        long_text, (first, poisoned, third) = asyncio.run(together())
+    finally:
+        engine.close()
+        serve_logger.removeHandler(caplog.handler)
+    assert isinstance(poisoned, RuntimeError) and "the kernel tripped" in str(poisoned)
+    assert "a prefill of 3 requests failed" in caplog.text, "the wave was prefilled together, then one by one"
+    assert (first, third) == (alone[prompts[0]], alone[prompts[2]])
+    assert long_text == long_alone
+    assert engine._scheduler.broken is None
 
 
 def test_steps_are_handed_over_at_most_once_per_stream_interval(tiny_model_dir):
