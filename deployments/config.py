@@ -140,6 +140,15 @@ class ModelConfig(BaseModel):
             "before the process is killed and the replica fails to start, saying so."
         ),
     )
+    max_padded_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Dynamic KV cache: rows are padded to the longest, so a request joins the running batch "
+            "only while rows x longest stays within this many tokens, or within twice the tokens the "
+            "rows really hold (a request alone always runs); unset: 1024 per max_batch_size row."
+        ),
+    )
     kv_cache: Literal["auto", "dynamic", "slots"] = Field(
         default="auto",
         description=(

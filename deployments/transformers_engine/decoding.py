@@ -88,6 +88,13 @@ class Decoding(abc.ABC):
     def free_rows(self) -> int:
         """Rows that newly prefilled sequences may take now."""
 
+    def fits(self, rows: int, width: int, tokens: int) -> bool:
+        """Whether ``rows`` more rows, whose prompts are ``width`` tokens at most and
+        ``tokens`` together, may join the running batch now, as far as its memory goes
+        (free rows are counted apart, by `free_rows`). Rows of fixed length (slots)
+        always fit."""
+        return True
+
     @abc.abstractmethod
     def join(self, prefilled: Prefilled) -> None:
         """Takes newly prefilled rows into the running batch."""

@@ -88,10 +88,11 @@ class DynamicDecoding(Decoding):
 
     def __init__(
         self, model: LoadedModel, delivery: Delivery, max_rows: int, joinable: bool,
-        prefix_cache: PrefixCache | None = None,
+        prefix_cache: PrefixCache | None = None, max_padded_tokens: int | None = None,
     ) -> None:
         super().__init__(model, delivery, prefix_cache)
         self._max_rows, self._joinable = max_rows, joinable
+        self._max_padded_tokens = max_padded_tokens
         self._batch: _Batch | None = None
 
     @property
@@ -104,6 +105,20 @@ class DynamicDecoding(Decoding):
         if not self._joinable:
             return 0
         return self._max_rows - len(self._batch.rows)
+
+    def fits(self, rows: int, width: int, tokens: int) -> bool:
+        """Every row is padded to the longest: joined, the batch would hold rows x width
+        tokens of KV, which must stay within ``max_padded_tokens`` or within twice the
+        tokens its rows really hold (one 8k-token prompt would otherwise pad fifteen
+        short rows to 8k each, while rows of alike lengths waste little)."""
+        if self._max_padded_tokens is None:
+            return True
+        running, columns, held = 0, 0, 0
+        if self._batch is not None:
+            running, columns = len(self._batch.rows), self._batch.attention_mask.shape[1]
+            held = int(self._batch.attention_mask.sum())
+        padded = (running + rows) * max(columns, width)
+        return padded <= self._max_padded_tokens or padded <= 2 * (held + tokens)
 
     def join(self, prefilled: Prefilled) -> None:
         joining = _Batch.of(prefilled, self._joinable)

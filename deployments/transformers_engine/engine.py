@@ -62,6 +62,10 @@ _FALLBACK_CONTEXT_LENGTH = 2048
 ACTIVATION_RESERVE_BYTES = 2 << 30
 # Fewest tokens per slot worth serving with.
 MIN_SLOT_LENGTH = 64
+# The dynamic cache's default bound on rows x longest row, per max_batch_size row (see
+# ModelConfig.max_padded_tokens): 16 rows of 1,024 tokens, 0.75 GB of SmolLM2-135M's KV
+# in float32.
+PADDED_TOKENS_PER_ROW = 1024
 # The prefix cache's default budget: on a CPU, 1 GiB (22k tokens of SmolLM2-135M in
 # float32); on a GPU, this share of what the KV cache may take.
 CPU_PREFIX_CACHE_BYTES = 1 << 30
@@ -230,7 +234,8 @@ class TransformersEngine(Engine):
                            "full history, so it decodes with the dynamic cache", self.config.source)
             wanted = "dynamic"
         if wanted == "dynamic":
-            return DynamicDecoding(model, self._delivery, self.config.max_batch_size, joinable, self._prefix_cache)
+            padded = self.config.max_padded_tokens or self.config.max_batch_size * PADDED_TOKENS_PER_ROW
+            return DynamicDecoding(model, self._delivery, self.config.max_batch_size, joinable, self._prefix_cache, padded)
         layers = model.cache_of(probe).layers
         shape = SlotShape(len(layers), layers[0].keys.shape[1], layers[0].keys.shape[3], layers[0].keys.dtype)
         slots = self.config.max_batch_size

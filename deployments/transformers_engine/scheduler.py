@@ -313,6 +313,7 @@ class Scheduler:
         computed_in_wave: set[int] = set()  # the first uncached block of each admitted prompt
         free = self._decoding.free_rows()
         prefill_tokens = 0
+        wave_rows, wave_width, wave_tokens = 0, 0, 0  # for the running batch's memory (Decoding.fits)
         while waiting:
             request = waiting[0].request
             if request.cancelled.is_set():
@@ -328,7 +329,11 @@ class Scheduler:
             uncached = len(request.prompt_token_ids) - waiting[0].prefix.tokens  # a row computes only these
             too_many = request.num_return_sequences > free
             too_long = admitted and prefill_tokens + uncached > MAX_PREFILL_TOKENS
-            if too_many or too_long:
+            rows, length = request.num_return_sequences, len(request.prompt_token_ids)
+            too_wide = (admitted or self._decoding.busy) and not self._decoding.fits(  # alone, it runs
+                wave_rows + rows, max(wave_width, length), wave_tokens + rows * length
+            )
+            if too_many or too_long or too_wide:
                 break
             if request.adapter is not None:
                 in_use = {row.admission.request.adapter for row in self._decoding.rows() if not row.finished}
@@ -345,6 +350,7 @@ class Scheduler:
             if admitted[-1].alone:
                 break
             free -= request.num_return_sequences
+            wave_rows, wave_width, wave_tokens = wave_rows + rows, max(wave_width, length), wave_tokens + rows * length
             prefill_tokens += uncached
             if next_block is not None:
                 computed_in_wave.add(next_block)

@@ -315,6 +315,51 @@ def test_requests_join_a_running_batch_and_leave_it_early(engine):
     assert late_text[0] == alone_late[0][0]
 
 
+def test_a_long_prompt_never_pads_the_dynamic_batch_past_its_bound(tiny_model_dir):
+    """Joined to three short rows, a 150-token prompt would pad each to its length (4 x
+    ~155 tokens of KV); bounded, it waits for them to leave and runs alone, and every
+    request still gets the text it gets alone."""
+    engine = TransformersEngine(ModelConfig(source=str(tiny_model_dir), dtype="float32", kv_cache="dynamic",
+                                            max_padded_tokens=160, stream_interval_s=0), "cpu")
+    engine.load()
+    widest = []
+    step = engine._decoding._step
+
+    def measured_step(batch):
+        widest.append(len(batch.rows) * batch.attention_mask.shape[1])
+        return step(batch)
+
+    engine._decoding._step = measured_step
+    long_prompt = "one two three four five six seven eight nine ten " * 15
+    try:
+        long_ids = engine.tokenize(TokenizeParams(prompt=long_prompt))
+        assert 140 <= len(long_ids) <= 200
+
+        async def scenario():
+            decoding = asyncio.Event()
+
+            async def text_of(params):
+                texts = []
+                async for deltas in engine.generate(engine.prepare(params)):
+                    texts += [delta.text for delta in deltas]
+                    decoding.set()
+                return "".join(texts)
+
+            short = [asyncio.ensure_future(text_of(greedy(p, max_new_tokens=30))) for p in ("A", "B c", "D e f")]
+            await decoding.wait()
+            long = await text_of(greedy(long_prompt, max_new_tokens=4))
+            return [await task for task in short], long
+
+        short_texts, long_text = asyncio.run(scenario())
+        engine._decoding._step = step
+        assert short_texts == [run(engine, greedy(p, max_new_tokens=30))[0][0][0] for p in ("A", "B c", "D e f")]
+        assert long_text == run(engine, greedy(long_prompt, max_new_tokens=4))[0][0][0]
+    finally:
+        engine.close()
+    # Three short rows of up to ~35 tokens, or the long one alone: never 4 x ~150.
+    assert max(widest) <= len(long_ids) + 4, f"rows x width reached {max(widest)}"
+
+
 def test_chunked_prefill_gives_the_same_text(tiny_model_dir):
     """Long prompts are prefilled a chunk at a time between decode steps; the result
     must not depend on the chunking, nor on the grouping by length (the two long
