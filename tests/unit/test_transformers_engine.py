@@ -50,6 +50,15 @@ def run(engine, *params: GenerationParams):
     return list(asyncio.run(consume()))
 
 
+async def streamed_text(engine, params: GenerationParams, decoding: asyncio.Event) -> str:
+    """One request's text, streamed; sets ``decoding`` at its first step."""
+    texts = []
+    async for deltas in engine.generate(engine.prepare(params)):
+        texts += [delta.text for delta in deltas]
+        decoding.set()
+    return "".join(texts)
+
+
 def greedy(prompt="Once upon a time", **fields) -> GenerationParams:
     return GenerationParams(prompt=prompt, temperature=0.0, **fields)
 
@@ -338,16 +347,10 @@ def test_a_long_prompt_never_pads_the_dynamic_batch_past_its_bound(tiny_model_di
         async def scenario():
             decoding = asyncio.Event()
 
-            async def text_of(params):
-                texts = []
-                async for deltas in engine.generate(engine.prepare(params)):
-                    texts += [delta.text for delta in deltas]
-                    decoding.set()
-                return "".join(texts)
-
-            short = [asyncio.ensure_future(text_of(greedy(p, max_new_tokens=30))) for p in ("A", "B c", "D e f")]
+            short = [asyncio.ensure_future(streamed_text(engine, greedy(p, max_new_tokens=30), decoding))
+                     for p in ("A", "B c", "D e f")]
             await decoding.wait()
-            long = await text_of(greedy(long_prompt, max_new_tokens=4))
+            long = await streamed_text(engine, greedy(long_prompt, max_new_tokens=4), decoding)
             return [await task for task in short], long
 
         short_texts, long_text = asyncio.run(scenario())
@@ -474,16 +477,9 @@ def test_a_request_whose_prefill_fails_fails_alone(tiny_model_dir, kv_cache, cap
         async def together():
             decoding = asyncio.Event()
 
-            async def text_of(params):
-                texts = []
-                async for deltas in engine.generate(engine.prepare(params)):
-                    texts += [delta.text for delta in deltas]
-                    decoding.set()
-                return "".join(texts)
-
-            running = asyncio.ensure_future(text_of(greedy("Numbers:", max_new_tokens=30)))
+            running = asyncio.ensure_future(streamed_text(engine, greedy("Numbers:", max_new_tokens=30), decoding))
             await decoding.wait()  # it is in the batch before the wave comes
-            wave = await asyncio.gather(*(text_of(greedy(p, max_new_tokens=6)) for p in prompts),
+            wave = await asyncio.gather(*(streamed_text(engine, greedy(p, max_new_tokens=6), decoding) for p in prompts),
                                         return_exceptions=True)
             return await running, wave
 
