@@ -60,12 +60,13 @@ def test_a_clients_concurrency_cap_holds_through_the_proxy(limited_url):
             body = {"prompt": "a", "max_new_tokens": 40, "stream": True}
             async with http.stream("POST", f"{limited_url}/generate", json=body,
                                    headers=client("192.0.2.41")) as held:
-                await anext(held.aiter_lines())  # its first event: it is in flight
+                lines = held.aiter_lines()
+                await anext(lines)  # its first event: it is in flight
                 same = await http.post(f"{limited_url}/generate", json={"prompt": "a", "max_new_tokens": 1},
                                        headers=client("192.0.2.41"))
                 other = await http.post(f"{limited_url}/generate", json={"prompt": "a", "max_new_tokens": 1},
                                         headers=client("192.0.2.42"))
-                [line async for line in held.aiter_lines()]
+                [line async for line in lines]
             after = await http.post(f"{limited_url}/generate", json={"prompt": "a", "max_new_tokens": 1},
                                     headers=client("192.0.2.41"))
             return same, other, after
