@@ -254,8 +254,8 @@ class AccessControl:
         scope["state"]["holds_slot"] = True
 
     def release(self, scope: Scope) -> None:
-        """Ends what `admit` started for the request: its concurrency slot, and its
-        token reservation if nothing settled it (an error, a timeout, a disconnect
+        """Ends what `hold_a_slot` and `admit` started for the request: its concurrency
+        slot, and its token reservation if nothing settled it (an error, a timeout, a disconnect
         before generating)."""
         state = scope.get("state", {})
         client: Client | None = state.get("client")
