@@ -255,8 +255,8 @@ class AccessControl:
 
     def release(self, scope: Scope) -> None:
         """Ends what `hold_a_slot` and `admit` started for the request: its concurrency
-        slot, and its token reservation if nothing settled it (an error, a timeout, a disconnect
-        before generating)."""
+        slot, and its token reservation if nothing settled it (an error, a timeout, a
+        disconnect before generating)."""
         state = scope.get("state", {})
         client: Client | None = state.get("client")
         if state.pop("holds_slot", False) and client is not None:
