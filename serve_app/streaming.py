@@ -236,6 +236,9 @@ async def relay(
         yield sse(error_body(504, message, openai=openai))
     except AdapterLoadError as exc:
         yield sse(error_body(500, adapter_failure(exc), "model", openai=openai))
+    except REPLICA_FAILURES:  # past the first event nothing can be sent again elsewhere
+        logger.warning("request_id=%s model replica failed mid-stream", request.state.request_id)
+        yield sse(error_body(503, "the model replica failed during the generation; retry", openai=openai))
     except Exception:  # noqa: BLE001 - the status line is sent; report in-band
         request_id = request.state.request_id
         logger.exception("request_id=%s stream failed", request_id)

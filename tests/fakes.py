@@ -43,7 +43,8 @@ def fake_source(
     """A `source` for FakeEngine: it sleeps ``load_s`` seconds in load() and ``step_s``
     per generated character; ``broken`` makes its health check and status fail;
     ``failing`` makes a prompt starting with "fail" raise FakeDecodeError after a step,
-    and one starting with "!" raise AdapterLoadError before any;
+    one starting with "!" raise AdapterLoadError before any, and one starting with "#"
+    break the engine (its health check fails from then on);
     ``rows`` > 0 lets at most that many sequences generate at once, the others wait for
     a row (a GPU replica's batch, whose step time hardly depends on its size);
     ``prepare_s`` blocks prepare() that long (a slow tokenizer or chat template)."""
@@ -161,6 +162,9 @@ class FakeEngine(Engine):
                 raise FakeDecodeError(f"fake decode failure in request {request.request_id}")
             if step == 0 and self._failing and chr(request.prompt_token_ids[0]) == "!":
                 raise AdapterLoadError("broken", "its weights could not be read")
+            if step == 0 and self._failing and chr(request.prompt_token_ids[0]) == "#":
+                self._broken = True  # as an engine whose steps kept failing: its health check fails
+                raise FakeDecodeError("fake engine broken by this request")
             out: list[SequenceDelta] = []
             for index, text, planned in rows:
                 if index in finished:

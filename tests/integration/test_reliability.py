@@ -297,6 +297,62 @@ def test_killing_a_model_replica_under_load(serve_base_url, cluster, tiny_model_
         serve.delete("faults")
 
 
+def test_a_model_replica_dying_mid_stream_ends_the_stream_with_an_error_event(serve_base_url, tiny_model_dir):
+    """Past its first event a stream cannot be sent again elsewhere: it ends with a 503
+    error event, then [DONE], never a cut connection; then Serve's replacement serves."""
+    url = deploy(serve_base_url, slow_args(0.05), "dying")
+    try:
+        [victim] = replica_pids("dying", "Model-slow")
+        with httpx.stream("POST", f"{url}/generate", json={"prompt": "a", "max_new_tokens": 400, "stream": True},
+                          timeout=60) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: {"))
+            os.kill(victim, signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert "text" in json.loads(first.removeprefix("data: "))
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert "model replica failed during the generation" in error["message"]
+        deadline = time.monotonic() + 90
+        while True:  # until Serve has replaced the replica (503s meanwhile)
+            after = httpx.post(f"{url}/generate", json={"prompt": "b", "max_new_tokens": 3, "stream": True}, timeout=60)
+            if after.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert after.status_code == 200 and after.text.rstrip().endswith("data: [DONE]")
+    finally:
+        serve.delete("dying")
+
+
+def test_a_replica_whose_health_check_fails_is_replaced_while_readyz_answers_503(serve_base_url):
+    """The engine (the fake one, in the real engine process) breaks: the replica's health
+    check fails, Serve replaces it, /readyz says 503 until the new one runs."""
+    args = AppArgs(
+        models=[ModelArgs(name="fragile", source=fake_source(failing=True), engine=FAKE_ENGINE, num_cpus=0.1,
+                          num_replicas=1, autoscaling=None)],
+        ingress=IngressArgs(num_cpus=0.1), rate_limits=RateLimitArgs(enabled=False),
+    )
+    url = deploy(serve_base_url, args, "fragile")
+    try:
+        [victim] = replica_pids("fragile", "Model-fragile")
+        assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+        broke = httpx.post(f"{url}/generate", json={"prompt": "#", "max_new_tokens": 2}, timeout=30)
+        assert broke.status_code == 500
+        readiness, deadline = [], time.monotonic() + 120
+        while True:  # until a new replica stands and the service is ready again
+            readiness.append(httpx.get(f"{url}/readyz", timeout=30).status_code)
+            pids = replica_pids("fragile", "Model-fragile")
+            if pids and victim not in pids and readiness[-1] == 200:
+                break
+            assert time.monotonic() < deadline, f"Serve never replaced the unhealthy replica: {readiness[-5:]}"
+            time.sleep(0.2)
+        assert 503 in readiness, "/readyz said 503 while no healthy replica ran"
+        answer = httpx.post(f"{url}/generate", json={"prompt": "a", "max_new_tokens": 2}, timeout=30)
+        assert answer.status_code == 200
+    finally:
+        serve.delete("fragile")
+
+
 def test_killing_an_ingress_replica_then_requests_succeed(serve_base_url, tiny_model_dir):
     url = deploy(serve_base_url, tiny_args(tiny_model_dir, IngressArgs(num_cpus=0.1, num_replicas=2)), "ingress-faults")
     try:
