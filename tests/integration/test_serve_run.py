@@ -235,12 +235,14 @@ def test_json_modes_on_completions_and_generate_and_a_schema_that_cannot_be_enfo
             extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "flag", "schema": schema}}},
         )
         FlagColours.model_validate_json(completion.choices[0].text)
+        # A prompt the model answers with a short object (an open question made it nest
+        # objects past any max_tokens, and the check ran only when it stopped).
         json_object = client.chat.completions.create(
-            model=MODEL_NAME, messages=[{"role": "user", "content": "Is water wet? Answer in JSON."}],
+            model=MODEL_NAME, messages=[{"role": "user", "content": 'Reply with exactly this JSON object: {"wet": true}'}],
             response_format={"type": "json_object"}, temperature=0, max_tokens=60,
         )
-        if json_object.choices[0].finish_reason == "stop":
-            assert isinstance(json.loads(json_object.choices[0].message.content), dict)
+        assert json_object.choices[0].finish_reason == "stop", json_object.choices[0].message.content
+        assert isinstance(json.loads(json_object.choices[0].message.content), dict)
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(
                 model=MODEL_NAME, messages=[{"role": "user", "content": "x"}],
