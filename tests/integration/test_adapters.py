@@ -92,15 +92,25 @@ def test_adapters_are_listed_with_their_parent_and_unknown_ones_are_404(lora_url
 
 
 def test_an_adapters_tokens_are_counted_under_its_own_name(lora_url, cluster):
-    generate(lora_url, "tiny:chatty")
+    """Exactly this request's tokens are added under model="tiny:chatty" (earlier tests'
+    tokens are there already: the count is read once it has settled)."""
     pattern = re.compile(r'ray_textgen_completion_tokens_total\{[^}]*model="tiny:chatty"[^}]*\} ([0-9.]+)')
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        counted = [float(value) for value in pattern.findall(httpx.get(cluster.metrics_url, timeout=10).text)]
-        if counted and sum(counted) >= NEW_TOKENS:
-            return
+
+    def counted() -> float:
+        return sum(float(value) for value in pattern.findall(httpx.get(cluster.metrics_url, timeout=10).text))
+
+    before, changed_at, deadline = counted(), time.monotonic(), time.monotonic() + 60
+    while time.monotonic() - changed_at < 5:  # unchanged for 5 s: earlier tokens have all been reported
         time.sleep(1)
-    raise AssertionError("no completion tokens under model=tiny:chatty in the metrics")
+        if (now := counted()) != before:
+            before, changed_at = now, time.monotonic()
+        assert time.monotonic() < deadline, "the count never settled"
+    answer = httpx.post(f"{lora_url}/generate", json={"prompt": PROMPT, "max_new_tokens": NEW_TOKENS, "temperature": 0,
+                                                      "model": "tiny:chatty"}, timeout=60).json()
+    expected = before + answer["usage"]["completion_tokens"]
+    while (now := counted()) != expected:
+        assert now < expected and time.monotonic() < deadline + 30, (now, expected)
+        time.sleep(1)
 
 
 def test_a_third_adapter_replaces_the_least_recently_used_one_on_a_replica(lora_url, cluster, tiny_model_dir,
