@@ -82,6 +82,8 @@ class PreparedRequest:
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
+    tenant: str = ""
+    tenant_weight: float = 1.0
     # Set when nobody waits for the result any more (the client left, the caller timed
     # out, a quota refused it): the engine drops the request's rows at its next step.
     cancelled: threading.Event = dataclasses.field(
@@ -171,6 +173,8 @@ def prepare_request(
         stop_token_ids=params.stop_token_ids,
         include_stop_str_in_output=params.include_stop_str_in_output,
         prompt_logprobs=params.prompt_logprobs,
+        tenant=params.tenant,
+        tenant_weight=params.tenant_weight,
     )
 
 

@@ -131,6 +131,10 @@ class GenerationParams:
     logprobs: int | None = None
     # A LoRA adapter of the model (the name in its config), or None for the base model.
     adapter: str | None = None
+    # Who the request is for (an API key's name, or the client), and its weight: rows of
+    # the batch go to tenants in proportion to their weights (set by the ingress).
+    tenant: str = ""
+    tenant_weight: float = 1.0
     # Chat only: the tools the model may call (OpenAI's tools and tool_choice).
     tool_use: ToolUse | None = None
     # vLLM's extensions: generate past the model's end of text; allow it (and

@@ -365,13 +365,23 @@ class QuotaArgs(BaseModel):
         ),
     )
 
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1000,
+        description=(
+            "The client's share of a model replica's batch: when clients wait for rows, rows go "
+            "to them in proportion to their weights (by tokens); a client alone gets them all."
+        ),
+    )
+
     @field_validator("requests", "tokens")
     @classmethod
     def _limits_parse(cls, values: list[str]) -> list[str]:
         return [check_rate_limit(value) for value in values]
 
     def to_quota(self) -> Quota:
-        return Quota(requests=tuple(self.requests), tokens=tuple(self.tokens))
+        return Quota(requests=tuple(self.requests), tokens=tuple(self.tokens), weight=self.weight)
 
 
 class RateLimitArgs(BaseModel):

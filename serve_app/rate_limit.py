@@ -65,6 +65,7 @@ class Quota:
     requests: tuple[str, ...] = ()
     tokens: tuple[str, ...] = ()
     scoped: tuple[tuple[str, Quota], ...] = ()
+    weight: float = 1.0  # the client's share of a model replica's batch (not a limit)
 
     @property
     def unlimited(self) -> bool:

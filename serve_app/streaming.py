@@ -9,6 +9,7 @@ deadline) is reported in-band as a last error event.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -92,6 +93,7 @@ async def generate(
         ServiceError: 503 (model queue full, replica failed twice), 504 (deadline).
     """
     request.state.tokens_needed = sum(one.worst_case_tokens() for one in params)
+    params = tuple(for_tenant(request, one) for one in params)
     try:
         _, results = await _start(
             request, access, handle,
@@ -144,6 +146,7 @@ async def open_stream(
         ServiceError: 503 or 504, as for `generate`.
     """
     request.state.tokens_needed = params.worst_case_tokens()
+    params = for_tenant(request, params)
     stream, start = await _start(
         request, access, handle,
         lambda: handle.options(stream=True).generate_stream.remote(params),
@@ -188,6 +191,13 @@ async def _start(
         if isinstance(exc, REPLICA_FAILURES):
             raise _replica_failed() from None
         raise
+
+
+def for_tenant(request: Request, params: GenerationParams) -> GenerationParams:
+    """``params`` for the request's client, the tenant whose share of the batch it
+    takes (its identity: an API key's name or its address; never the key)."""
+    client = request.state.client
+    return dataclasses.replace(params, tenant=client.identity, tenant_weight=client.quota.weight)
 
 
 def sse(payload: object) -> str:

@@ -177,6 +177,9 @@ class Scheduler:
         self._arrivals: queue.SimpleQueue[Admission | None] = queue.SimpleQueue()
         self._closed = threading.Event()
         self._failures_in_a_row = 0
+        # Start-time fair queuing across tenants (see _queue).
+        self._virtual_time = 0.0
+        self._finish_tags: dict[str, float] = {}
         self.broken: str | None = None  # why the engine can no longer serve
         self.iteration_started: float | None = None  # None while idle
         self._gauges_recorded = 0.0  # when (monotonic)
@@ -212,7 +215,7 @@ class Scheduler:
                     continue
                 if arrival is None:  # close() woke the loop
                     continue
-                waiting.append(arrival)
+                self._queue(waiting, arrival)
                 self._collect_arrivals(waiting, wait_s=self._batch_wait_timeout_s)
             else:
                 self._collect_arrivals(waiting, wait_s=0)
@@ -296,7 +299,26 @@ class Scheduler:
             except queue.Empty:
                 return
             if arrival is not None:  # None: close() woke the loop
-                waiting.append(arrival)
+                self._queue(waiting, arrival)
+
+    def _queue(self, waiting: deque[Admission], admission: Admission) -> None:
+        """Puts an arrival in line by start-time fair queuing (SFQ): its start tag is
+        the later of the scheduler's virtual time (the tag last admitted) and where its
+        tenant's previous request ends, which is its start plus its cost (prompt and
+        every sequence's new tokens) over the tenant's weight. The lowest tag goes
+        first: a tenant alone, or every request of one tenant, keeps arrival order; a
+        quiet tenant's request goes ahead of a noisy tenant's backlog, and under
+        contention tenants get rows in proportion to their weights."""
+        request = admission.request
+        cost = len(request.prompt_token_ids) + request.max_new_tokens * request.num_return_sequences
+        admission.start_tag = max(self._virtual_time, self._finish_tags.get(request.tenant, 0.0))
+        self._finish_tags[request.tenant] = admission.start_tag + cost / max(request.tenant_weight, 1e-6)
+        if len(self._finish_tags) > 10_000:  # forget tenants that can no longer be ahead
+            self._finish_tags = {t: tag for t, tag in self._finish_tags.items() if tag > self._virtual_time}
+        position = len(waiting)
+        while position and waiting[position - 1].start_tag > admission.start_tag:
+            position -= 1
+        waiting.insert(position, admission)
 
     def _take_admissions(self, waiting: deque[Admission]) -> list[Admission]:
         """The waiting requests that fit in the free rows now, first come first served;
@@ -347,6 +369,7 @@ class Scheduler:
                     break
                 waiting[0].adapter_slot = slot
             admitted.append(waiting.popleft())
+            self._virtual_time = max(self._virtual_time, admitted[-1].start_tag)
             if admitted[-1].alone:
                 break
             free -= request.num_return_sequences

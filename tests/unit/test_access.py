@@ -460,6 +460,35 @@ def test_a_body_that_trickles_in_holds_its_clients_slot_and_the_replicas_from_th
     assert access._in_flight == {}
 
 
+def test_each_request_carries_its_tenant_and_weight_to_the_model():
+    """Rows of the batch are shared by tenant (the key's name, or the address when keys
+    are off), weighted as the key's quota says; the model side gets both with the
+    request, plain and streamed, on every API."""
+
+    class Recording(FakeEngine):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            self.seen: list[tuple[str, float]] = []
+
+        def prepare(self, params):
+            self.seen.append((params.tenant, params.tenant_weight))
+            return super().prepare(params)
+
+    engine = Recording(ModelConfig(name="fake", source=fake_source()), "cpu")
+    keys = ApiKeys(parse_key_entries(f"alice:{ALICE_KEY},bob:{BOB_KEY}", "test"))
+    access = AccessControl(memory_limiter(), Quota(), {"alice": Quota(weight=3.0)}, keys)
+    ingress = Ingress({"fake": FakeModelHandle(engine)}, RateLimitArgs(), AuthArgs())
+    with TestClient(create_api(ingress, access), raise_server_exceptions=False) as client:
+        for key in (ALICE_KEY, BOB_KEY):
+            headers = {"X-API-Key": key}
+            assert client.post("/generate", json={"prompt": "a", "max_new_tokens": 1}, headers=headers).status_code == 200
+            streamed = client.post("/v1/chat/completions", headers=headers, json={
+                "model": "fake", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1, "stream": True})
+            assert streamed.status_code == 200
+    assert engine.seen == [("key:alice", 3.0)] * 2 + [("key:bob", 1.0)] * 2
+    assert RateLimitArgs.model_validate({"keys": {"alice": {"weight": 3}}}).keys["alice"].to_quota().weight == 3.0
+
+
 def test_tokenizing_counts_as_a_request_but_never_against_a_token_quota():
     access = AccessControl(memory_limiter(), Quota(requests=("4/minute",), tokens=("30/minute",)))
     with make_client(access) as client:
