@@ -301,17 +301,19 @@ class ModelServer:
                 self._log_request(prepared, owed)
 
     def _log_request(self, prepared: PreparedRequest, owed: _Owed) -> None:
-        """One line per request on the model side, under the ingress's request id;
-        ``cancelled=True`` means its caller left before the end."""
+        """One line per request on the model side, under the ingress's request id, with
+        the tenant whose share of the batch it took; ``cancelled=True`` means its caller
+        left before the end."""
         timings = prepared.timings
 
         def since_received(moment: float | None) -> str:
             return "-" if moment is None else f"{(moment - timings.received_at) * 1000:.1f}"
 
         logger.info(
-            "request_id=%s prompt_tokens=%d completion_tokens=%d queue_ms=%s ttft_ms=%s "
+            "request_id=%s tenant=%s prompt_tokens=%d completion_tokens=%d queue_ms=%s ttft_ms=%s "
             "total_ms=%.1f cancelled=%s",
             prepared.request_id,
+            prepared.tenant or "-",
             owed.prompt_tokens,
             owed.completion_tokens,
             since_received(timings.batch_started_at),

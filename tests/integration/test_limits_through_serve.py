@@ -125,3 +125,19 @@ def test_an_app_with_two_models_routes_by_name_and_lists_both(two_models_url):
     assert {name: answer.json()["model"] for name, answer in answers.items()} == {"first": "first", "second": "second"}
     assert default.status_code == 200 and default.json()["model"] == "first", "the first model is the default"
     assert unknown.status_code == 404 and "first, second" in unknown.json()["error"]["message"]
+
+
+def test_each_request_reaches_the_model_replica_as_its_clients_tenant(limited_url, cluster):
+    """The tenant whose share of the batch a request takes arrives with it through Serve
+    (the model replica's log line names it: the client's address here, keys being off)."""
+    answer = httpx.post(f"{limited_url}/generate", json={"prompt": "a", "max_new_tokens": 1}, timeout=60,
+                        headers={**client("192.0.2.44"), "X-Request-ID": "tenant-check"})
+    assert answer.status_code == 200
+    deadline = time.monotonic() + 30
+    while True:
+        lines = [line for log in (cluster.session_dir / "logs" / "serve").glob("replica_limited_Model-tiny_*.log")
+                 for line in log.read_text(errors="replace").splitlines() if "request_id=tenant-check " in line]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert lines and "tenant=ip:192.0.2.44 " in lines[0], lines
