@@ -321,10 +321,12 @@ class Scheduler:
         waiting.insert(position, admission)
 
     def _take_admissions(self, waiting: deque[Admission]) -> list[Admission]:
-        """The waiting requests that fit in the free rows now, first come first served;
-        those whose caller left before they started are dropped on the way. A request
-        whose adapter finds no slot (every slot holds one that running rows use) waits,
-        and the requests behind it with it.
+        """The waiting requests that fit in the free rows now, in line (the tenants'
+        fair order, see `_queue`; one tenant's in arrival order); those whose caller
+        left before they started are dropped on the way. A request whose adapter finds
+        no slot (every slot holds one that running rows use), or that would pad the
+        running batch past its memory (`Decoding.fits`), waits, and the requests behind
+        it with it.
 
         A request whose next uncached block a request of this wave computes waits for
         the next wave, when it finds that block in the prefix cache (SGLang's in-batch
