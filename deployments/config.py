@@ -211,6 +211,26 @@ class ModelConfig(BaseModel):
             "rows of different adapters (and none) decode in one batch."
         ),
     )
+    scheduling_policy: Literal["fair", "fifo"] = Field(
+        default="fair",
+        description=(
+            "The order waiting requests get rows of the batch. `fair`: each tenant (API key, or "
+            "client address when keys are off) has its own line and rows go to the tenant with the "
+            "least weighted service so far (start-time fair queuing on tokens: prompt plus new "
+            "tokens, over the key's `weight`), so a noisy tenant's backlog cannot starve the others "
+            "and a tenant alone still gets every row; `fifo`: one line in arrival order. In both, a "
+            "request's `priority` (lower first) orders its own line."
+        ),
+    )
+    max_rows_per_tenant: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Most rows of the batch one tenant's requests may hold at once (each returned sequence "
+            "is a row); its other requests wait even while rows are free. Unset: no cap (with `fair`, "
+            "a tenant alone may fill the batch)."
+        ),
+    )
     max_adapters: int = Field(
         default=4, ge=1, le=64,
         description="Adapters one replica holds at once; others load on demand, replacing the least recently used idle one.",

@@ -84,6 +84,7 @@ class PreparedRequest:
     prompt_logprobs: int | None = None
     tenant: str = ""
     tenant_weight: float = 1.0
+    priority: int = 0
     # Set when nobody waits for the result any more (the client left, the caller timed
     # out, a quota refused it): the engine drops the request's rows at its next step.
     cancelled: threading.Event = dataclasses.field(
@@ -175,6 +176,7 @@ def prepare_request(
         prompt_logprobs=params.prompt_logprobs,
         tenant=params.tenant,
         tenant_weight=params.tenant_weight,
+        priority=params.priority,
     )
 
 

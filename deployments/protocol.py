@@ -135,6 +135,8 @@ class GenerationParams:
     # the batch go to tenants in proportion to their weights (set by the ingress).
     tenant: str = ""
     tenant_weight: float = 1.0
+    # vLLM's: the request's place in its tenant's line, lower first (ties by arrival).
+    priority: int = 0
     # Chat only: the tools the model may call (OpenAI's tools and tool_choice).
     tool_use: ToolUse | None = None
     # vLLM's extensions: generate past the model's end of text; allow it (and

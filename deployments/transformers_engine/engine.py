@@ -168,6 +168,8 @@ class TransformersEngine(Engine):
             slot_for=self._adapters.slot_for if self._adapters is not None else None,
             batch_wait_timeout_s=self.config.batch_wait_timeout_s,
             prefix_cache=self._prefix_cache,
+            fair=self.config.scheduling_policy == "fair",
+            max_rows_per_tenant=self.config.max_rows_per_tenant,
         )
         self._scheduler.start()
         logger.info(

@@ -26,7 +26,6 @@ class Admission:
         self.adapter_slot = 0  # its LoRA adapter's slot once admitted (0: the base model)
         self.prefix = NO_PREFIX  # what the prefix cache has of its prompt, once looked up
         self.alone = False  # its group's prefill failed: it is prefilled alone, to see whether it is the cause
-        self.start_tag = 0.0  # its place in line (Scheduler._queue: start-time fair queuing)
 
 
 class Row:

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+import collections
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -25,6 +26,7 @@ from deployments.protocol import AdapterLoadError, SequenceDelta
 from deployments import metrics
 from deployments.transformers_engine import kv_cache
 from deployments.transformers_engine.decoding import Decoding, LoadedModel, Prefilled
+from deployments.transformers_engine.fair_queue import FairQueue
 from deployments.transformers_engine.prefix_cache import NO_PREFIX, CachedPrefix, PrefixCache
 from deployments.transformers_engine.prompt_scores import PromptScores
 from deployments.transformers_engine.rows import Admission, Delivery
@@ -157,6 +159,9 @@ class Scheduler:
         slot_for: ``(adapter, in_use) -> slot or None`` when the model has LoRA adapters.
         batch_wait_timeout_s: how long an idle scheduler waits for requests sent together.
         prefix_cache: where prompts find the KV of prefixes already computed, if enabled.
+        fair: whether waiting requests are ordered fairly across tenants (`FairQueue`),
+            else in one line in arrival order.
+        max_rows_per_tenant: most running rows one tenant's requests may hold, if capped.
     """
 
     def __init__(
@@ -168,6 +173,8 @@ class Scheduler:
         slot_for: Callable[[str, set], int | None] | None,
         batch_wait_timeout_s: float,
         prefix_cache: PrefixCache | None = None,
+        fair: bool = True,
+        max_rows_per_tenant: int | None = None,
     ) -> None:
         self._model, self._delivery, self._decoding = model, delivery, decoding
         self._prefix_cache = prefix_cache
@@ -177,9 +184,8 @@ class Scheduler:
         self._arrivals: queue.SimpleQueue[Admission | None] = queue.SimpleQueue()
         self._closed = threading.Event()
         self._failures_in_a_row = 0
-        # Start-time fair queuing across tenants (see _queue).
-        self._virtual_time = 0.0
-        self._finish_tags: dict[str, float] = {}
+        self._waiting: FairQueue[Admission] = FairQueue(fair)
+        self._max_rows_per_tenant = max_rows_per_tenant
         self.broken: str | None = None  # why the engine can no longer serve
         self.iteration_started: float | None = None  # None while idle
         self._gauges_recorded = 0.0  # when (monotonic)
@@ -202,35 +208,36 @@ class Scheduler:
         self._thread.join()
 
     def _schedule_forever(self) -> None:
-        waiting: deque[Admission] = deque()
+        waiting = self._waiting
         decoding = self._decoding
         prefills: deque[_Prefill] = deque()  # the admitted wave, a group at a time
         while not self._closed.is_set():
             self._record_gauges()
             if not decoding.busy and not prefills and not waiting:
                 self.iteration_started = None
+                waiting.forget_debts()
                 try:  # idle: sleep until a request comes
                     arrival = self._arrivals.get(timeout=GAUGE_REFRESH_S if self._prefix_cache else None)
                 except queue.Empty:
                     continue
                 if arrival is None:  # close() woke the loop
                     continue
-                self._queue(waiting, arrival)
-                self._collect_arrivals(waiting, wait_s=self._batch_wait_timeout_s)
+                self._queue(arrival)
+                self._collect_arrivals(wait_s=self._batch_wait_timeout_s)
             else:
-                self._collect_arrivals(waiting, wait_s=0)
+                self._collect_arrivals(wait_s=0)
             self.iteration_started = time.monotonic()
             prefill_failed = False
             try:
                 if not prefills:
-                    prefills.extend(self._start_prefills(self._take_admissions(waiting)))
+                    prefills.extend(self._start_prefills(self._take_admissions()))
                 if prefills:
                     try:
                         prefilled = self._prefill_chunk(prefills[0], whole=not decoding.busy)
                     except Exception as exc:  # noqa: BLE001 - the running batch is untouched: isolate
                         prefill_failed = True
                         self._note_failure(exc)
-                        self._isolate(prefills.popleft(), exc, waiting)
+                        self._isolate(prefills.popleft(), exc)
                     else:
                         if prefills[0].finished:
                             if prefilled is not None:  # None: every row ended at its prompt
@@ -260,7 +267,7 @@ class Scheduler:
             self.broken = f"{self._failures_in_a_row} steps in a row failed, the last with {exc!r}"
             logger.error("engine broken: %s; the health check now fails", self.broken)
 
-    def _isolate(self, prefill: _Prefill, exc: Exception, waiting: deque[Admission]) -> None:
+    def _isolate(self, prefill: _Prefill, exc: Exception) -> None:
         """A prefill failed; its forward pass touched only its own cache, so the running
         batch goes on. A request that failed alone gets the error; the requests of a
         group go back to the head of the queue, each to be prefilled alone, so that only
@@ -272,9 +279,9 @@ class Scheduler:
             admission.deliver(exc)
             return
         logger.warning("a prefill of %d requests failed (%r); each is retried alone", len(prefill.admitted), exc)
-        for admission in reversed(prefill.admitted):
+        for admission in prefill.admitted:
             admission.alone = True
-            waiting.appendleft(admission)
+        self._waiting.put_back_first([(admission.request.tenant, admission) for admission in prefill.admitted])
 
     def _record_gauges(self) -> None:
         now = time.monotonic()
@@ -288,7 +295,7 @@ class Scheduler:
         found.update({id(a): a for prefill in prefills for a in prefill.admitted})
         return list(found.values())
 
-    def _collect_arrivals(self, waiting: deque[Admission], wait_s: float) -> None:
+    def _collect_arrivals(self, wait_s: float) -> None:
         """Moves new arrivals to ``waiting``; waits up to ``wait_s`` for more to come,
         so that requests sent together are prefilled together."""
         deadline = time.monotonic() + wait_s
@@ -299,61 +306,60 @@ class Scheduler:
             except queue.Empty:
                 return
             if arrival is not None:  # None: close() woke the loop
-                self._queue(waiting, arrival)
+                self._queue(arrival)
 
-    def _queue(self, waiting: deque[Admission], admission: Admission) -> None:
-        """Puts an arrival in line by start-time fair queuing (SFQ): its start tag is
-        the later of the scheduler's virtual time (the tag last admitted) and where its
-        tenant's previous request ends, which is its start plus its cost (prompt and
-        every sequence's new tokens) over the tenant's weight. The lowest tag goes
-        first: a tenant alone, or every request of one tenant, keeps arrival order; a
-        quiet tenant's request goes ahead of a noisy tenant's backlog, and under
-        contention tenants get rows in proportion to their weights."""
+    def _queue(self, admission: Admission) -> None:
+        """Puts an arrival in its tenant's line; its cost, for the tenants' fair shares,
+        is its tokens: the prompt and every sequence's new tokens (`FairQueue`)."""
         request = admission.request
         cost = len(request.prompt_token_ids) + request.max_new_tokens * request.num_return_sequences
-        admission.start_tag = max(self._virtual_time, self._finish_tags.get(request.tenant, 0.0))
-        self._finish_tags[request.tenant] = admission.start_tag + cost / max(request.tenant_weight, 1e-6)
-        if len(self._finish_tags) > 10_000:  # forget tenants that can no longer be ahead
-            self._finish_tags = {t: tag for t, tag in self._finish_tags.items() if tag > self._virtual_time}
-        position = len(waiting)
-        while position and waiting[position - 1].start_tag > admission.start_tag:
-            position -= 1
-        waiting.insert(position, admission)
+        self._waiting.push(admission, request.tenant, cost, request.tenant_weight, request.priority)
 
-    def _take_admissions(self, waiting: deque[Admission]) -> list[Admission]:
-        """The waiting requests that fit in the free rows now, in line (the tenants'
-        fair order, see `_queue`; one tenant's in arrival order); those whose caller
-        left before they started are dropped on the way. A request whose adapter finds
-        no slot (every slot holds one that running rows use), or that would pad the
-        running batch past its memory (`Decoding.fits`), waits, and the requests behind
-        it with it.
+    def _take_admissions(self) -> list[Admission]:
+        """The waiting requests that fit in the free rows now, in the waiting lines'
+        order (`FairQueue`: the tenants' fair order, each tenant's by priority and
+        arrival); those whose caller left before they started are dropped on the way. A
+        request whose adapter finds no slot (every slot holds one that running rows
+        use), or that would pad the running batch past its memory (`Decoding.fits`),
+        waits, and every request behind it with it. A tenant at `max_rows_per_tenant`
+        running rows waits (its line only; a request alone in its tenant always runs).
 
         A request whose next uncached block a request of this wave computes waits for
         the next wave, when it finds that block in the prefix cache (SGLang's in-batch
         prefix caching): sixteen chats sent at once with one 1,000-token system prompt
-        then prefill it once, not sixteen times."""
+        then prefill it once, not sixteen times. Its line waits with it, so that it
+        keeps its place."""
+        waiting = self._waiting
         admitted: list[Admission] = []
-        deferred: list[Admission] = []
+        passed_over: set[str] = set()  # lines that wait for the next wave
         computed_in_wave: set[int] = set()  # the first uncached block of each admitted prompt
         free = self._decoding.free_rows()
+        rows_of = self._running_rows_by_tenant() if self._max_rows_per_tenant is not None else None
         prefill_tokens = 0
         wave_rows, wave_width, wave_tokens = 0, 0, 0  # for the running batch's memory (Decoding.fits)
-        while waiting:
-            request = waiting[0].request
+        while (head := waiting.peek(passed_over)) is not None:
+            line, admission = head
+            request = admission.request
             if request.cancelled.is_set():
-                waiting.popleft().deliver(END_OF_STEPS)
+                waiting.take(line).deliver(END_OF_STEPS)
                 continue
-            if waiting[0].alone and admitted:  # a suspect of a failed prefill: a wave of its own
+            if admission.alone and admitted:  # a suspect of a failed prefill: a wave of its own
                 break
-            waiting[0].prefix = self._cached_prefix(request)
-            next_block = waiting[0].prefix.next_block
-            if next_block is not None and next_block in computed_in_wave:
-                deferred.append(waiting.popleft())
+            rows = request.num_return_sequences
+            if rows_of is not None and rows_of[request.tenant] and (
+                rows_of[request.tenant] + rows > self._max_rows_per_tenant
+            ):
+                passed_over.add(line)
                 continue
-            uncached = len(request.prompt_token_ids) - waiting[0].prefix.tokens  # a row computes only these
-            too_many = request.num_return_sequences > free
+            admission.prefix = self._cached_prefix(request)
+            next_block = admission.prefix.next_block
+            if next_block is not None and next_block in computed_in_wave:
+                passed_over.add(line)
+                continue
+            uncached = len(request.prompt_token_ids) - admission.prefix.tokens  # a row computes only these
+            too_many = rows > free
             too_long = admitted and prefill_tokens + uncached > MAX_PREFILL_TOKENS
-            rows, length = request.num_return_sequences, len(request.prompt_token_ids)
+            length = len(request.prompt_token_ids)
             too_wide = (admitted or self._decoding.busy) and not self._decoding.fits(  # alone, it runs
                 wave_rows + rows, max(wave_width, length), wave_tokens + rows * length
             )
@@ -365,26 +371,27 @@ class Scheduler:
                     slot = self._slot_for(request.adapter, in_use | {a.request.adapter for a in admitted})
                 except AdapterLoadError as exc:  # this request's fault alone: the others go on
                     logger.error("request_id=%s: %s", request.request_id, exc)
-                    waiting.popleft().deliver(exc)
+                    waiting.take(line).deliver(exc)
                     continue
                 if slot is None:
                     break
-                waiting[0].adapter_slot = slot
-            admitted.append(waiting.popleft())
-            self._virtual_time = max(self._virtual_time, admitted[-1].start_tag)
-            if admitted[-1].alone:
+                admission.adapter_slot = slot
+            admitted.append(waiting.take(line))
+            if admission.alone:
                 break
-            free -= request.num_return_sequences
+            free -= rows
+            if rows_of is not None:
+                rows_of[request.tenant] += rows
             wave_rows, wave_width, wave_tokens = wave_rows + rows, max(wave_width, length), wave_tokens + rows * length
             prefill_tokens += uncached
             if next_block is not None:
                 computed_in_wave.add(next_block)
             if self._prefix_cache is not None:
-                metrics.record_prefix_cache_lookup(
-                    self._model.name, len(request.prompt_token_ids), admitted[-1].prefix.tokens
-                )
-        waiting.extendleft(reversed(deferred))  # first in line again, in their order
+                metrics.record_prefix_cache_lookup(self._model.name, length, admission.prefix.tokens)
         return admitted
+
+    def _running_rows_by_tenant(self) -> collections.Counter[str]:
+        return collections.Counter(row.admission.request.tenant for row in self._decoding.rows() if not row.finished)
 
     def _cached_prefix(self, request: PreparedRequest) -> CachedPrefix:
         """The prefix cache's longest prefix of the request's prompt; none for a
