@@ -79,15 +79,17 @@ simulate: setup $(VENV)/.installed-bench
 # the embedded model's config and tokenizer (models there get random weights) and the
 # wheels of our engine's other imports, for that machine's Python.
 GPU_PYTHON ?= 3.12
+# peft: the GPU tests' adapter rows; llguidance's wheel is manylinux_2_31 (hence that platform).
 GPU_WHEELS := transformers==5.24.0 tokenizers==0.23.3 pydantic==2.14.4 pydantic-core==2.50.5 llguidance==1.9.1 \
-	pydantic-settings==2.16.3 annotated-types typing-inspection typing-extensions python-dotenv
+	pydantic-settings==2.16.3 annotated-types typing-inspection typing-extensions python-dotenv peft==0.21.2
 
 gpu-bundle: setup
 	mkdir -p .gpu/smollm2-config .whl
 	cd "$$($(BIN)/python -c 'from deployments.model_source import embedded_model_folder; print(embedded_model_folder())')" && \
 		cp config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja $(CURDIR)/.gpu/smollm2-config/
 	$(BIN)/pip download -q -d .whl --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
-		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 $(GPU_WHEELS)
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_31_x86_64 $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

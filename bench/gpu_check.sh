@@ -24,10 +24,10 @@ export TEXTGEN_TEST_TOKENIZER=$CONFIG
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 echo "== gpu tests"
-timeout 240 python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tail -40
+timeout "${GPU_TESTS_TIMEOUT_S:-240}" python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tail -40
 tests=${PIPESTATUS[0]}
 echo "== engine throughput"
-timeout 600 python3 bench/gpu_throughput.py --config "$CONFIG" --out "$OUT/gpu_throughput.json" ${GPU_THROUGHPUT_ARGS:-}
+timeout "${GPU_BENCH_TIMEOUT_S:-600}" python3 bench/gpu_throughput.py --config "$CONFIG" --out "$OUT/gpu_throughput.json" ${GPU_THROUGHPUT_ARGS:-}
 bench=$?
 echo "tests exit $tests, benchmark exit $bench"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
