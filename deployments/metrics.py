@@ -108,6 +108,53 @@ def record_completion_tokens(model: str, tokens: int) -> None:
     _counter("textgen_completion_tokens", "Tokens generated.", ("model",)).inc(tokens, tags={"model": model})
 
 
+def tenant_label(tenant: str) -> str:
+    """The tenant as a metric label: its identity (``key:<name>``, never the key, or
+    ``ip:<address>``) for the first `TENANT_LABELS` tenants a process sees, then
+    ``other``, so that clients with many addresses cannot grow the series without
+    bound; ``none`` for a request sent without one."""
+    if not tenant:
+        return "none"
+    if tenant in _tenant_labels or len(_tenant_labels) < TENANT_LABELS:
+        _tenant_labels.add(tenant)
+        return tenant
+    _other_seen.add("other")
+    return "other"
+
+
+TENANT_LABELS = 32
+_tenant_labels: set[str] = set()
+_other_seen: set[str] = set()  # {"other"} once a tenant past the first TENANT_LABELS came
+
+
+def record_tenant_completion_tokens(model: str, tenant: str, tokens: int) -> None:
+    """Tokens generated for a tenant (``textgen_tenant_completion_tokens_total``): who
+    holds the batch, and the shares fair scheduling gives."""
+    _counter(
+        "textgen_tenant_completion_tokens", "Tokens generated, by tenant.", ("model", "tenant")
+    ).inc(tokens, tags={"model": model, "tenant": tenant_label(tenant)})
+
+
+def record_tenant_sequences(model: str, by_tenant: dict[str, tuple[int, int]]) -> None:
+    """Each tenant's sequences in a replica, running and waiting for a row
+    (``textgen_tenant_sequences{state}``, a gauge per replica: sum by model, tenant);
+    ``by_tenant`` maps a tenant to (running, waiting). Every tenant labelled so far is
+    recorded, as 0 when it holds none, so that its series stays (at most
+    `TENANT_LABELS` + 1 of them)."""
+    gauge = _gauge(
+        "textgen_tenant_sequences", "Sequences a model replica holds for a tenant, running or waiting for a row.",
+        ("model", "tenant", "state"),
+    )
+    labelled: dict[str, list[int]] = {label: [0, 0] for label in _tenant_labels | _other_seen}
+    for tenant, (running, waiting) in by_tenant.items():
+        counts = labelled.setdefault(tenant_label(tenant), [0, 0])
+        counts[0] += running
+        counts[1] += waiting
+    for label, (running, waiting) in labelled.items():
+        gauge.set(running, tags={"model": model, "tenant": label, "state": "running"})
+        gauge.set(waiting, tags={"model": model, "tenant": label, "state": "waiting"})
+
+
 def record_queue_time(model: str, seconds: float) -> None:
     """From a request's arrival at a model replica to its batch starting."""
     _histogram(

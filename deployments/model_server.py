@@ -38,6 +38,9 @@ from deployments.protocol import (
 logger = logging.getLogger("ray.serve")
 A = TypeVar("A")
 R = TypeVar("R")
+# How often a replica records each tenant's sequences, idle too: Ray drops a gauge's
+# value not recorded within about two metric report intervals.
+TENANT_GAUGES_INTERVAL_S = 1.0
 
 
 async def collect_result(
@@ -82,6 +85,7 @@ class _Owed:
 
     def __init__(self, prepared: PreparedRequest) -> None:
         self.prompt_tokens = len(prepared.prompt_token_ids)
+        self.tenant = prepared.tenant
         self.max_new_tokens = prepared.max_new_tokens
         self.generated = [0] * prepared.num_return_sequences
         self.finished = [False] * prepared.num_return_sequences
@@ -135,6 +139,14 @@ class GenerationLoad:
                 backlog += owed.prompt_tokens
         return GenerationLoadReport(running, waiting, backlog)
 
+    def by_tenant(self) -> dict[str, tuple[int, int]]:
+        """Each tenant's unfinished sequences: (running, waiting for a row)."""
+        counts: dict[str, list[int]] = {}
+        for owed in self._requests:
+            unfinished = owed.finished.count(False)
+            counts.setdefault(owed.tenant, [0, 0])[0 if owed.started else 1] += unfinished
+        return {tenant: (running, waiting) for tenant, (running, waiting) in counts.items()}
+
 
 class ModelServer:
     """Serves one model: loads it at start, then answers generate calls.
@@ -147,6 +159,7 @@ class ModelServer:
     def __init__(self, config: ModelConfig, device: str) -> None:
         self._config = config
         self._load = GenerationLoad()
+        self._tenant_gauges: asyncio.Task | None = None  # started by the first request
         started = time.perf_counter()
         if config.engine_process:
             self._engine = EngineProcess(config, device, on_exit=self._exit_with_engine)
@@ -274,6 +287,8 @@ class ModelServer:
         readers = None
         if prepared.tool_format is not None:
             readers = tool_calls.ToolCallReaders(tool_calls.FORMATS[prepared.tool_format], prepared.num_return_sequences)
+        if self._tenant_gauges is None:
+            self._tenant_gauges = asyncio.get_running_loop().create_task(self._record_tenant_sequences())
         with self._load.holding(prepared) as owed:
             try:
                 async for deltas in self._engine.generate(prepared):
@@ -285,6 +300,7 @@ class ModelServer:
                     new_tokens = owed.observe(deltas)
                     if new_tokens:
                         metrics.record_completion_tokens(model, new_tokens)
+                        metrics.record_tenant_completion_tokens(model, prepared.tenant, new_tokens)
                     if readers is not None:
                         deltas = readers.read(deltas)
                     visible = [
@@ -299,6 +315,12 @@ class ModelServer:
                 # up): the engine then stops spending compute on the request.
                 prepared.cancelled.set()
                 self._log_request(prepared, owed)
+
+    async def _record_tenant_sequences(self) -> None:
+        """Records each tenant's running and waiting sequences every second."""
+        while True:
+            metrics.record_tenant_sequences(self._config.name, self._load.by_tenant())
+            await asyncio.sleep(TENANT_GAUGES_INTERVAL_S)
 
     def _log_request(self, prepared: PreparedRequest, owed: _Owed) -> None:
         """One line per request on the model side, under the ingress's request id, with

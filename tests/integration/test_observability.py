@@ -127,6 +127,15 @@ def test_prometheus_sees_exactly_what_was_sent(prometheus, traffic):
         assert time.monotonic() < deadline, "the prefix cache's bytes never reached Prometheus"
         time.sleep(1)
     assert query(prometheus, 'sum(ray_textgen_rate_limited_total{route="/generate"})') >= 1
+    # Who holds the batch: each client (keys are off) is a tenant, labelled by address.
+    repeated = sum(r.json()["usage"]["completion_tokens"] for r in traffic[6:] if r.status_code == 200)
+    wait_for_value(prometheus, f'sum(ray_textgen_tenant_completion_tokens_total{{model="{MODEL}"}})', completion_tokens)
+    wait_for_value(
+        prometheus, f'sum(ray_textgen_tenant_completion_tokens_total{{model="{MODEL}",tenant="ip:192.0.2.99"}})',
+        repeated,
+    )
+    # None would mean no series: the tenant's gauge is there, and it holds nothing now.
+    wait_for_value(prometheus, f'sum(ray_textgen_tenant_sequences{{model="{MODEL}",tenant="ip:192.0.2.99"}})', 0)
 
 
 def test_prometheus_sees_the_load_autoscaling_acts_on_and_its_decision(prometheus, traffic):
@@ -167,7 +176,8 @@ def test_design_metrics_are_all_exported(cluster, traffic):
         "ray_textgen_batch_size_bucket", "ray_textgen_model_load_seconds_bucket", "ray_textgen_sequences",
         "ray_textgen_token_backlog", "ray_textgen_prefix_cache_lookups_total",
         "ray_textgen_prefix_cache_queried_tokens_total", "ray_textgen_prefix_cache_hit_tokens_total",
-        "ray_textgen_prefix_cache_bytes",
+        "ray_textgen_prefix_cache_bytes", "ray_textgen_tenant_completion_tokens_total",
+        "ray_textgen_tenant_sequences",
     }
     deadline = time.monotonic() + 30
     while (missing := design - exported_names(cluster.metrics_url)) and time.monotonic() < deadline:
