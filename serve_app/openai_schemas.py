@@ -160,6 +160,13 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = Field(
         default=False, description="Extension: the stop string (or stop token) that ended the text is returned."
     )
+    priority: int = Field(
+        default=0, ge=-(2**63), le=2**63 - 1,  # vLLM's bounds
+        description=(
+            "Extension (vLLM's): the request's place in its tenant's line for a row of the batch, lower "
+            "first, ties by arrival; it never moves a request ahead of another tenant's."
+        ),
+    )
 
     @model_validator(mode="after")
     def _only_supported(self) -> "_SamplingRequest":
@@ -205,6 +212,7 @@ class _SamplingRequest(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            priority=self.priority,
             **input_fields,
         )
 

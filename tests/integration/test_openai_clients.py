@@ -261,6 +261,18 @@ def test_vllm_sampling_extensions_and_still_strict_on_unknown_fields(client):
     assert refused.value.body["param"] == "guided_choice" and "unknown field" in refused.value.body["message"]
 
 
+def test_vllm_priority_is_taken_on_both_routes_and_checked(client):
+    """vLLM's per-request priority (lower first within the tenant's line; the order
+    itself is shown on the engine, tests/unit/test_fair_share.py)."""
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model=MODEL, messages=question, max_tokens=4, extra_body={"priority": -5})
+    completion = client.completions.create(model=MODEL, prompt="Paris is", max_tokens=4, extra_body={"priority": 3})
+    assert chat.usage.completion_tokens > 0 and completion.usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt="Paris is", max_tokens=4, extra_body={"priority": "high"})
+    assert refused.value.body["param"] == "priority"
+
+
 def test_probes_version_and_tokenizer_info(served):  # noqa: F811
     for method, path in (("GET", "/health"), ("GET", "/ping"), ("POST", "/ping")):
         response = httpx.request(method, f"{served.url}{path}", timeout=30)
