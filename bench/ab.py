@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,11 +26,11 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import free_port, machine, write_record  # noqa: E402
+from bench.common import machine, write_record  # noqa: E402
+from bench.service import Service  # noqa: E402
 from bench.throughput import WORDS  # noqa: E402
 
 
@@ -46,51 +44,6 @@ def checkout(ref: str, folder: Path) -> Path:
 def commit_of(ref: str) -> str:
     return subprocess.run(["git", "-C", str(ROOT), "rev-parse", ref], check=True, capture_output=True,
                           text=True).stdout.strip()
-
-
-class Service:
-    """`serve run configs/serve.yaml` from ``source``, on a free port, rate limits lifted."""
-
-    def __init__(self, source: Path, log: Path) -> None:
-        self.source, self.log = source, log
-        self.url = ""
-        self._process: subprocess.Popen | None = None
-        self._ray_temp = Path(tempfile.mkdtemp(prefix="ab-", dir="/tmp"))
-
-    def __enter__(self) -> Service:
-        config = yaml.safe_load((self.source / "configs" / "serve.yaml").read_text())
-        port = free_port()
-        config["http_options"]["port"] = port
-        config_path = self._ray_temp / "serve.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": str(self._ray_temp),
-               "TEXTGEN_RATE_LIMIT": "1000000/minute", "PYTHONPATH": str(self.source),
-               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-        with open(self.log, "ab") as log:
-            self._process = subprocess.Popen(
-                [str(Path(sys.executable).parent / "serve"), "run", str(config_path)],
-                cwd=self.source, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if self._process.poll() is not None:
-                raise SystemExit(f"serve run from {self.source} exited; see {self.log}")
-            time.sleep(1)
-        raise SystemExit(f"{self.url} never became ready; see {self.log}")
-
-    def __exit__(self, *exc) -> None:
-        self._process.send_signal(signal.SIGTERM)  # serve run shuts Serve and its Ray down
-        try:
-            self._process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait()
 
 
 def prompts(count: int) -> list[str]:
