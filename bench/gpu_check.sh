@@ -24,8 +24,13 @@ export TEXTGEN_TEST_TOKENIZER=$CONFIG
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 echo "== gpu tests"
-timeout "${GPU_TESTS_TIMEOUT_S:-240}" python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tail -40
+timeout "${GPU_TESTS_TIMEOUT_S:-240}" python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 \
+    | tee /tmp/gpu_tests.log | tail -40
 tests=${PIPESTATUS[0]}
+if [ "$tests" -eq 0 ] && ! grep -Eq "[0-9]+ passed" /tmp/gpu_tests.log; then
+    echo "no GPU test ran (all skipped: no CUDA?); that is a failure here"
+    tests=1
+fi
 echo "== engine throughput"
 timeout "${GPU_BENCH_TIMEOUT_S:-600}" python3 bench/gpu_throughput.py --config "$CONFIG" --out "$OUT/gpu_throughput.json" ${GPU_THROUGHPUT_ARGS:-}
 bench=$?
