@@ -143,8 +143,7 @@ class GenerationLoad:
         """Each tenant's unfinished sequences: (running, waiting for a row)."""
         counts: dict[str, list[int]] = {}
         for owed in self._requests:
-            unfinished = owed.finished.count(False)
-            counts.setdefault(owed.tenant, [0, 0])[0 if owed.started else 1] += unfinished
+            counts.setdefault(owed.tenant, [0, 0])[0 if owed.started else 1] += owed.finished.count(False)
         return {tenant: (running, waiting) for tenant, (running, waiting) in counts.items()}
 
 

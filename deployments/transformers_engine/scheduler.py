@@ -15,8 +15,7 @@ import logging
 import queue
 import threading
 import time
-import collections
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 
 import torch
@@ -327,10 +326,12 @@ class Scheduler:
         A request whose next uncached block a request of this wave computes waits for
         the next wave, when it finds that block in the prefix cache (SGLang's in-batch
         prefix caching): sixteen chats sent at once with one 1,000-token system prompt
-        then prefill it once, not sixteen times. Its line waits with it, so that it
-        keeps its place."""
+        then prefill it once, not sixteen times. It is taken out of line (and its
+        tenant charged) and put back first, so that the requests behind it still join
+        this wave and it starts the next one."""
         waiting = self._waiting
         admitted: list[Admission] = []
+        deferred: list[tuple[str, Admission]] = []
         passed_over: set[str] = set()  # lines that wait for the next wave
         computed_in_wave: set[int] = set()  # the first uncached block of each admitted prompt
         free = self._decoding.free_rows()
@@ -354,7 +355,7 @@ class Scheduler:
             admission.prefix = self._cached_prefix(request)
             next_block = admission.prefix.next_block
             if next_block is not None and next_block in computed_in_wave:
-                passed_over.add(line)
+                deferred.append((request.tenant, waiting.take(line)))
                 continue
             uncached = len(request.prompt_token_ids) - admission.prefix.tokens  # a row computes only these
             too_many = rows > free
@@ -388,10 +389,11 @@ class Scheduler:
                 computed_in_wave.add(next_block)
             if self._prefix_cache is not None:
                 metrics.record_prefix_cache_lookup(self._model.name, length, admission.prefix.tokens)
+        waiting.put_back_first(deferred)
         return admitted
 
-    def _running_rows_by_tenant(self) -> collections.Counter[str]:
-        return collections.Counter(row.admission.request.tenant for row in self._decoding.rows() if not row.finished)
+    def _running_rows_by_tenant(self) -> Counter[str]:
+        return Counter(row.admission.request.tenant for row in self._decoding.rows() if not row.finished)
 
     def _cached_prefix(self, request: PreparedRequest) -> CachedPrefix:
         """The prefix cache's longest prefix of the request's prompt; none for a

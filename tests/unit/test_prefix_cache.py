@@ -210,6 +210,26 @@ def test_prompts_sent_together_prefill_their_shared_prefix_once(engines):
     assert [result["cached"] for result in cached] == [0, *(whole_blocks(len(shared)) for _ in ASKS[1:4])]
 
 
+def test_a_request_waiting_for_a_block_of_its_wave_holds_back_no_one_else(engines):
+    """One tenant's three requests sent together: the second shares the first's new
+    prefix and waits one wave; the third shares nothing and joins the first's wave."""
+    engine = engines["cached"]
+    shared = list(range(6000, 6070))
+    prepared = [engine.prepare(ids(shared, ASKS[0])), engine.prepare(ids(shared, ASKS[1])),
+                engine.prepare(ids(list(range(7000, 7040))))]
+
+    async def together():
+        async def drain(one):
+            async for _ in engine.generate(one):
+                pass
+
+        await asyncio.gather(*(drain(one) for one in prepared))
+
+    asyncio.run(together())
+    first, sharing, unrelated = (one.timings.batch_started_at for one in prepared)
+    assert unrelated == first and sharing > first
+
+
 def test_a_full_cache_evicts_and_still_gives_the_same_output(engines):
     cache = engines["cached"]._prefix_cache
     budget = cache.budget_bytes
